@@ -1,0 +1,89 @@
+"""Pyramid perceptual loss on VGG-19 features (FOMM/TPSMM/CPABMM).
+
+Images are (B, 3, H, W) in [0, 1]. Both images go through an anti-aliased pyramid at
+``train_params.scales``; at each scale, ImageNet-normalised images go through VGG-19's
+relu1_1, relu2_1, relu3_1, relu4_1, relu5_1 (``torchvision.models.vgg19().features`` slices
+[0:2], [2:7], [7:12], [12:21], [21:30]) and the L1 distance (mean over all elements) is taken
+against the target's features, which carry no gradient.
+
+Weights: the official code multiplies each layer's L1 by ``loss_weights.perceptual[i]`` inside
+the loss. Here the loss returns the UNWEIGHTED per-layer values (a (5,) tensor, each summed over
+the scales) and the full model applies the per-layer weights, the one place where every loss is
+weighted: ``sum_i w_i * values[i]`` is exactly the official value.
+"""
+import torch
+from torch import nn
+from torchvision.models.vgg import cfgs, make_layers
+
+from losses.pretrained import freeze, load_state_dict_file
+from modules.blocks import AntiAliasInterpolation2d
+
+VGG19_SLICES = ((0, 2), (2, 7), (7, 12), (12, 21), (21, 30))
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def build_vgg19_features(weights_path=None):
+    """``torchvision.models.vgg19().features`` (no classifier), loaded from a torchvision
+    ``vgg19-*.pth`` state dict (its ``features.*`` entries, strictly) when a path is given;
+    random init (torchvision's) otherwise. Frozen."""
+    features = make_layers(cfgs["E"], batch_norm=False)
+    if weights_path is not None:
+        state = load_state_dict_file(weights_path)
+        state = {name[len("features."):]: value for name, value in state.items() if name.startswith("features.")}
+        features.load_state_dict(state, strict=True)
+    return freeze(features)
+
+
+class ImagePyramid(nn.Module):
+    """Anti-aliased pyramid: image (B, C, H, W) -> list of images, one per scale, in ``scales`` order."""
+
+    def __init__(self, scales, num_channels):
+        super().__init__()
+        self.downs = nn.ModuleList(AntiAliasInterpolation2d(num_channels, float(scale)) for scale in scales)
+
+    def forward(self, image):
+        return [down(image) for down in self.downs]
+
+
+class PerceptualLoss(nn.Module):
+    """Unweighted pyramid perceptual loss, per VGG-19 layer (see the module docstring).
+
+    features: the first 30 (or more) layers of ``vgg19().features`` (``build_vgg19_features``).
+    forward(prediction, target) -> (5,) tensor: values[i] = sum over scales of
+    mean |relu_i(prediction_s) - relu_i(target_s)|, gradient only towards ``prediction``.
+    """
+
+    def __init__(self, features, scales, num_channels=3):
+        super().__init__()
+        if num_channels != 3:
+            raise ValueError(f"the VGG-19 perceptual loss needs 3-channel images, got num_channels={num_channels}")
+        self.slices = nn.ModuleList(nn.Sequential(*features[start:stop]) for start, stop in VGG19_SLICES)
+        freeze(self.slices)
+        self.pyramid = ImagePyramid(scales, num_channels)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode=True):
+        """The frozen VGG stays in eval mode."""
+        super().train(mode)
+        self.slices.eval()
+        return self
+
+    def vgg_features(self, image):
+        """List of the 5 relu feature maps of an image in [0, 1]."""
+        out = (image - self.mean.to(image.dtype)) / self.std.to(image.dtype)
+        feats = []
+        for block in self.slices:
+            out = block(out)
+            feats.append(out)
+        return feats
+
+    def forward(self, prediction, target):
+        values = []
+        for pred_s, target_s in zip(self.pyramid(prediction), self.pyramid(target)):
+            with torch.no_grad():
+                target_feats = self.vgg_features(target_s)
+            pred_feats = self.vgg_features(pred_s)
+            values.append(torch.stack([(p - t).abs().mean() for p, t in zip(pred_feats, target_feats)]))
+        return torch.stack(values).sum(dim=0)

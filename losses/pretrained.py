@@ -1,0 +1,84 @@
+"""Offline look-up and loading of the frozen pretrained models the losses use (VGG-19, DINO, SAM).
+
+Nothing is ever downloaded. A weight file is looked for, in order, at
+1. the path configured under ``train_params.pretrained.<key>`` (relative paths are relative to the
+   current working directory), then
+2. the torch hub cache: ``torch.hub.get_dir()/checkpoints/<file name of the configured path>``
+   (where ``torchvision``/``torch.hub`` keep downloads, e.g. ``~/.cache/torch/hub/checkpoints``).
+When a loss that needs the file is on and the file is in neither place, :class:`MissingWeightsError`
+is raised with one line naming the config key, the expected file and where to obtain it, unless
+``train_params.pretrained.allow_random_weights`` is true: then the model keeps random weights and a
+warning is logged (smoke tests and the synthetic quick start only; the losses are then meaningless).
+"""
+import logging
+import os
+
+import torch
+
+from configuration import ConfigError
+
+LOGGER = logging.getLogger(__name__)
+
+# Canonical file names and where to get them (the official release of each model).
+WEIGHT_SOURCES = {
+    "vgg19": ("vgg19-dcbb9e9d.pth", "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"),
+    "dino_vitb8": ("dino_vitbase8_pretrain.pth",
+                   "https://dl.fbaipublicfiles.com/dino/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth"),
+    "sam_vit_b": ("sam_vit_b_01ec64.pth", "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth"),
+    "sam_vit_l": ("sam_vit_l_0b3195.pth", "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth"),
+    "sam_vit_h": ("sam_vit_h_4b8939.pth", "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth"),
+}
+
+
+class MissingWeightsError(ConfigError):
+    """A loss is on but its pretrained weight file is missing (one-line message, see the module doc)."""
+
+
+def source_of(key, sam_model_type="vit_b"):
+    """(canonical file name, download URL) for ``train_params.pretrained.<key>``."""
+    if key == "sam_checkpoint":
+        return WEIGHT_SOURCES[f"sam_{sam_model_type}"]
+    return WEIGHT_SOURCES[key]
+
+
+def candidate_paths(path, default_name):
+    """Where :func:`resolve_weight_file` looks, in order (see the module docstring)."""
+    name = os.path.basename(path) if path else default_name
+    candidates = [path] if path else []
+    candidates.append(os.path.join(torch.hub.get_dir(), "checkpoints", name))
+    return candidates
+
+
+def resolve_weight_file(key, path, allow_random_weights, sam_model_type="vit_b"):
+    """Existing file for ``train_params.pretrained.<key>``, or None when random weights are allowed.
+
+    key: "vgg19" | "dino_vitb8" | "sam_checkpoint"; path: the configured path (may be None).
+    Raises :class:`MissingWeightsError` (a ``ConfigError``, one line) when nothing is found.
+    """
+    default_name, url = source_of(key, sam_model_type)
+    candidates = candidate_paths(path, default_name)
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            return candidate
+    if allow_random_weights:
+        LOGGER.warning("RANDOM WEIGHTS: train_params.pretrained.%s file %s not found; the loss that needs "
+                       "it uses a randomly initialised network (allow_random_weights is true: smoke tests "
+                       "only, the loss is meaningless)", key, " or ".join(candidates))
+        return None
+    raise MissingWeightsError(
+        f"train_params.pretrained.{key}: weight file '{path or default_name}' not found (looked at "
+        f"{', '.join(candidates)}); get {default_name} from {url} and put it there, or set its loss "
+        f"weight to 0, or set train_params.pretrained.allow_random_weights to true for a smoke test")
+
+
+def load_state_dict_file(path):
+    """State dict saved with ``torch.save`` (tensors only), loaded on the CPU with ``weights_only=True``."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def freeze(module):
+    """Eval mode and ``requires_grad_(False)`` for every parameter; returns the module."""
+    module.eval()
+    for parameter in module.parameters():
+        parameter.requires_grad_(False)
+    return module
