@@ -1,0 +1,191 @@
+"""Checkpoints (atomic, plain dicts that load with ``weights_only=True``) and visualisation grids.
+
+A checkpoint is a plain dict: network state dicts under their network names (kp_detector,
+dense_motion_network, inpainting_network, bg_predictor when there is one, avd_network when trained),
+optimizer / scheduler state dicts, integer counters (epoch, step), the seed and the resolved
+config as a plain nested dict. Nothing in it needs unpickling of arbitrary classes.
+"""
+import os
+import tempfile
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from skimage.draw import disk
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used (unreadable, wrong content, other config)."""
+
+
+def save_checkpoint(path, state):
+    """Write ``state`` to ``path`` atomically: a temporary file in the same folder, then ``os.replace``.
+
+    A crash while writing leaves the previous file intact; readers never see a half-written file.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".pth.tar", dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(state, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint dict with ``torch.load(weights_only=True)``; one-line errors for bad files."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: {first_line}") from error
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} does not hold a dict but a {type(state).__name__}")
+    return state
+
+
+def first_difference(expected, found, prefix=""):
+    """Dotted key of the first difference between two nested dicts, with both values; None if equal."""
+    if isinstance(expected, dict) and isinstance(found, dict):
+        for key in sorted(set(expected) | set(found)):
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if key not in expected or key not in found:
+                return name, expected.get(key, "<missing>"), found.get(key, "<missing>")
+            difference = first_difference(expected[key], found[key], name)
+            if difference is not None:
+                return difference
+        return None
+    if isinstance(expected, (list, tuple)) and isinstance(found, (list, tuple)):
+        if list(expected) == list(found):
+            return None
+        return prefix, expected, found
+    if expected != found:
+        return prefix, expected, found
+    return None
+
+
+# Colour tables: (position, (r, g, b)) stops of piecewise-linear colour maps, values in [0, 1].
+_COLORMAPS = {
+    "gist_rainbow": ((0.000, (1.00, 0.00, 0.16)), (0.030, (1.00, 0.00, 0.00)),
+                     (0.215, (1.00, 1.00, 0.00)), (0.400, (0.00, 1.00, 0.00)),
+                     (0.586, (0.00, 1.00, 1.00)), (0.770, (0.00, 0.00, 1.00)),
+                     (0.954, (1.00, 0.00, 1.00)), (1.000, (1.00, 0.00, 0.75))),
+    "hsv": ((0.0, (1.0, 0.0, 0.0)), (1 / 6, (1.0, 1.0, 0.0)), (2 / 6, (0.0, 1.0, 0.0)),
+            (3 / 6, (0.0, 1.0, 1.0)), (4 / 6, (0.0, 0.0, 1.0)), (5 / 6, (1.0, 0.0, 1.0)),
+            (1.0, (1.0, 0.0, 0.0))),
+    "gray": ((0.0, (0.0, 0.0, 0.0)), (1.0, (1.0, 1.0, 1.0))),
+}
+
+
+def colormap_rgb(name, value):
+    """RGB in [0, 1] (shape (3,)) of the named colour map at ``value`` in [0, 1] (clipped)."""
+    if name not in _COLORMAPS:
+        raise ValueError(f"visualizer_params.colormap: unknown colour map {name!r}; "
+                         f"one of {sorted(_COLORMAPS)}")
+    stops = _COLORMAPS[name]
+    positions = np.array([position for position, _ in stops])
+    colours = np.array([colour for _, colour in stops])
+    value = float(np.clip(value, 0.0, 1.0))
+    return np.array([np.interp(value, positions, colours[:, channel]) for channel in range(3)])
+
+
+def _to_hwc(images, size):
+    """(B, C, h, w) tensor -> (B, H, W, 3) float numpy in [0, 1], resized to ``size`` = (H, W)."""
+    images = images.detach().float().cpu()
+    if images.shape[1] == 1:
+        images = images.repeat(1, 3, 1, 1)
+    if tuple(images.shape[2:]) != tuple(size):
+        images = F.interpolate(images, size=size, mode="nearest")
+    return np.clip(images.permute(0, 2, 3, 1).numpy(), 0.0, 1.0)
+
+
+def _keypoints(value):
+    """Keypoints (B, N, 2) numpy from a detector output dict {'fg_kp': ...} or a tensor."""
+    if isinstance(value, dict):
+        value = value["fg_kp"]
+    return value.detach().float().cpu().numpy()
+
+
+class Visualizer:
+    """Image grids for TensorBoard: one row per batch item, one column per quantity.
+
+    Columns: source with its keypoints, driving with its keypoints, the source warped by the final
+    flow ('deformed'), the prediction, each occlusion mask, then for each of the K+2 warps the
+    deformed source and its contribution map (tinted with the warp's colour; the background warp,
+    index 0, in gray), and finally the sum of the tinted contribution maps.
+    Keypoints are (x, y) in [-1, 1] (``grid_sample``, ``align_corners=True`` convention); each
+    keypoint gets the colour of the colour map at index / count.
+    """
+
+    def __init__(self, kp_size=5, draw_border=True, colormap="gist_rainbow"):
+        colormap_rgb(colormap, 0.0)
+        self.kp_size = kp_size
+        self.draw_border = draw_border
+        self.colormap = colormap
+
+    def draw_keypoints(self, image, keypoints):
+        """Disks of radius ``kp_size`` at ``keypoints`` (N, 2) in [-1, 1] on a copy of ``image`` (H, W, 3)."""
+        image = np.copy(image)
+        height, width = image.shape[:2]
+        count = keypoints.shape[0]
+        for index, (x, y) in enumerate(keypoints):
+            column = (x + 1) / 2 * (width - 1)
+            row = (y + 1) / 2 * (height - 1)
+            rr, cc = disk((row, column), self.kp_size, shape=(height, width))
+            image[rr, cc] = colormap_rgb(self.colormap, index / count)
+        return image
+
+    def _column(self, images):
+        """(B, H, W, 3) -> (B*H, W, 3) column, with a white border line between items if asked."""
+        if self.draw_border:
+            images = np.copy(images)
+            images[:, [0, -1], :] = 1.0
+            images[:, :, [0, -1]] = 1.0
+        return np.concatenate(list(images), axis=0)
+
+    def visualize(self, source, driving, out, max_items=4):
+        """Grid as an (H, W, 3) uint8 array (``SummaryWriter.add_image(..., dataformats='HWC')``).
+
+        source, driving: (B, 3, H, W) in [0, 1]; out: the generated dict of the full model (keys
+        kp_source, kp_driving, prediction, and when present deformed, occlusion_map (list),
+        deformed_source (B, K+2, 3, h, w), contribution_maps (B, K+2, h, w)).
+        """
+        count = min(int(source.shape[0]), max_items)
+        size = tuple(source.shape[2:])
+        source_np = _to_hwc(source[:count], size)
+        driving_np = _to_hwc(driving[:count], size)
+        columns = []
+        for images, key in ((source_np, "kp_source"), (driving_np, "kp_driving")):
+            if key in out:
+                keypoints = _keypoints(out[key])[:count]
+                images = np.stack([self.draw_keypoints(image, kp) for image, kp in zip(images, keypoints)])
+            columns.append(images)
+        if "deformed" in out:
+            columns.append(_to_hwc(out["deformed"][:count], size))
+        columns.append(_to_hwc(out["prediction"][:count], size))
+        for mask in out.get("occlusion_map", None) or []:
+            columns.append(_to_hwc(mask[:count], size))
+        if "deformed_source" in out and "contribution_maps" in out:
+            warps = out["deformed_source"].shape[1]
+            tinted_sum = np.zeros_like(source_np)
+            for index in range(warps):
+                columns.append(_to_hwc(out["deformed_source"][:count, index], size))
+                mask = _to_hwc(out["contribution_maps"][:count, index:index + 1], size)
+                if index == 0:
+                    colour = np.full(3, 0.5)
+                else:
+                    colour = colormap_rgb(self.colormap, (index - 1) / max(warps - 1, 1))
+                tinted = mask * colour.reshape(1, 1, 1, 3)
+                columns.append(tinted)
+                tinted_sum = tinted_sum + tinted
+            columns.append(np.clip(tinted_sum, 0.0, 1.0))
+        grid = np.concatenate([self._column(images) for images in columns], axis=1)
+        return (np.clip(grid, 0.0, 1.0) * 255).round().astype(np.uint8)
