@@ -1,0 +1,518 @@
+"""Animate a source image with a driving video (the FOMM/TPSMM ``demo.py`` command line).
+
+    python demo.py --config config/vox-256.yaml --checkpoint log/vox-256/checkpoint.pth.tar \
+        --source_image source.png --driving_video driving.mp4 --result_video result.mp4
+
+Conventions: frames are RGB; inside the networks they are float32 in [0, 1] shaped (B, 3, H, W) with
+(H, W) = ``--img_shape``; keypoints are (x, y) in [-1, 1] (the ``grid_sample``, ``align_corners=True``
+convention) shaped (B, 5K, 2). The driving video is streamed (never held in memory), resized, animated
+in batches under ``torch.inference_mode`` and written at the driving video's frame rate; the driving
+video's audio track, if any, is muxed into the result with the ffmpeg binary of imageio-ffmpeg.
+
+Like TPSMM's and the official demo, no background motion is used at test time: the dense motion network
+gets ``bg_param=None`` (identity background warp) even when the checkpoint has a BG predictor.
+"""
+import argparse
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import imageio
+import imageio_ffmpeg
+import numpy as np
+import torch
+import torch.nn.functional as F
+from skimage.util import img_as_float32
+from tqdm import tqdm
+
+from configuration import load_config
+from logger import load_checkpoint
+from modules import build_networks
+
+MODES = ("relative", "standard", "avd")
+# The networks every mode needs; ``avd_network`` is added for --mode avd.
+MAIN_NETWORKS = ("kp_detector", "dense_motion_network", "inpainting_network")
+# Containers into which the driving video's audio is muxed.
+AUDIO_CONTAINERS = (".mp4", ".m4v", ".mov", ".mkv")
+_AUDIO_STREAM = re.compile(r"^\s*Stream #\d+:\d+.*: Audio: ", re.MULTILINE)
+_VIDEO_STREAM = re.compile(r"^\s*Stream #\d+:\d+.*: Video: ", re.MULTILINE)
+
+
+class DemoError(Exception):
+    """A problem with the user's input; ``main`` prints it as one line and exits with status 1."""
+
+
+def parse_img_shape(text):
+    """``"H,W"`` (TPSMM's ``--img_shape``: height first) -> (H, W) of positive ints."""
+    parts = text.split(",")
+    try:
+        shape = tuple(int(part) for part in parts)
+    except ValueError:
+        shape = ()
+    if len(shape) != 2 or min(shape) <= 0:
+        raise argparse.ArgumentTypeError(f"expected two positive integers H,W such as 256,256, got {text!r}")
+    return shape
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--config", required=True, help="YAML config the checkpoint was trained with")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint written by run.py")
+    parser.add_argument("--source_image", required=True, help="image to animate (any size, grey/RGB/RGBA)")
+    parser.add_argument("--driving_video", required=True, help="video whose motion drives the source")
+    parser.add_argument("--result_video", default="result.mp4", help="output video (default: result.mp4)")
+    parser.add_argument("--img_shape", default=(256, 256), type=parse_img_shape,
+                        help="H,W the model was trained on (default: 256,256)")
+    parser.add_argument("--mode", default="relative", choices=MODES,
+                        help="relative: driving motion relative to the first (or best) driving frame, "
+                             "scaled to the source (default); standard: driving keypoints as they are; "
+                             "avd: through the AVD network (needs a checkpoint trained with --mode train_avd)")
+    parser.add_argument("--find_best_frame", action="store_true",
+                        help="relative mode: take the driving frame whose face landmarks are closest to the "
+                             "source's as the reference frame (faces only; needs `pip install face-alignment`)")
+    parser.add_argument("--device", default=None,
+                        help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
+    parser.add_argument("--cpu", action="store_true", help="same as --device cpu (TPSMM's flag)")
+    parser.add_argument("--side_by_side", action="store_true", help="write source | driving | result")
+    parser.add_argument("--batch_size", default=4, type=_positive_int,
+                        help="driving frames per forward pass (default: 4). With fit_method adam the official "
+                             "batch-wide fit loss couples the frames of a batch slightly; 1 is exactly per-frame")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. model_params.dense_motion_params.fit_method=gauss_newton")
+    return parser
+
+
+def resolve_device(device, cpu):
+    """The torch device from ``--device`` / ``--cpu``; default cuda when available, else cpu."""
+    if cpu:
+        return torch.device("cpu")
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise DemoError(f"--device {device!r} is not a torch device (use cpu, cuda or cuda:N)") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise DemoError(f"--device {device} asked for, but CUDA is not available here; use --device cpu")
+    return resolved
+
+
+def _first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _state_dict_problem(error):
+    """The first problem of a ``load_state_dict`` error, shortened, with the number of further ones."""
+    problems = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+    if not problems:
+        return _first_line(error)
+    first = problems[0] if len(problems[0]) <= 160 else problems[0][:157] + "..."
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return first + more
+
+
+def load_networks(config, config_path, checkpoint_path, device, mode):
+    """Build the networks of ``config``, load them from the checkpoint, move to ``device``, eval mode.
+
+    Returns a dict with kp_detector, dense_motion_network, inpainting_network (and avd_network for
+    ``mode == "avd"``). The BG predictor is not loaded: the demo uses no background motion.
+    """
+    try:
+        checkpoint = load_checkpoint(checkpoint_path, map_location=device)
+    except (OSError, ValueError) as error:
+        raise DemoError(_first_line(error)) from None
+    names = MAIN_NETWORKS + (("avd_network",) if mode == "avd" else ())
+    if mode == "avd" and checkpoint.get("avd_network") is None:
+        raise DemoError(f"--mode avd needs an AVD network but checkpoint {checkpoint_path} has none "
+                        f"(train one with: python run.py --mode train_avd), or use --mode relative")
+    built = build_networks(config)
+    networks = {}
+    for name in names:
+        if name not in checkpoint:
+            raise DemoError(f"checkpoint {checkpoint_path} has no {name!r} entry: not a checkpoint written by run.py")
+        try:
+            built[name].load_state_dict(checkpoint[name])
+        except (RuntimeError, TypeError, AttributeError) as error:
+            raise DemoError(f"checkpoint {checkpoint_path} does not match config {config_path}: {name}: "
+                            f"{_state_dict_problem(error)}") from None
+        networks[name] = built[name].to(device).eval()
+    return networks
+
+
+def to_rgb_float(image):
+    """Any image array (H, W), (H, W, 1|2|3|4), any integer/float/bool dtype -> (H, W, 3) float32 in [0, 1].
+
+    Grey is repeated over the three channels; an alpha channel is dropped (TPSMM keeps ``[..., :3]``).
+    Float input is taken to be in [0, 1] already.
+    """
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[2] not in (1, 2, 3, 4):
+        raise ValueError(f"expected an (H, W) or (H, W, C) image with C in 1..4, got shape {image.shape}")
+    image = image[:, :, :1] if image.shape[2] in (1, 2) else image[:, :, :3]
+    image = img_as_float32(image)
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    return np.ascontiguousarray(image)
+
+
+def frames_to_tensor(frames, img_shape, device):
+    """List of (h, w, C) arrays (one size) -> (B, 3, H, W) float32 in [0, 1] on ``device``.
+
+    Resized with anti-aliased bilinear interpolation (``align_corners=False``) when the size differs.
+    """
+    batch = np.stack([to_rgb_float(frame) for frame in frames])
+    tensor = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2)
+    if tuple(tensor.shape[2:]) != tuple(img_shape):
+        tensor = F.interpolate(tensor, size=tuple(img_shape), mode="bilinear", align_corners=False,
+                               antialias=True).clamp(0.0, 1.0)
+    return tensor.contiguous()
+
+
+def to_uint8(images):
+    """(B, 3, H, W) float in [0, 1] -> (B, H, W, 3) uint8 numpy array (rounded, clipped)."""
+    return (images.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def read_source_image(path, img_shape, device):
+    """The source image as (1, 3, H, W) float32 in [0, 1] on ``device``; first frame of animated files."""
+    try:
+        image = imageio.v3.imread(path, index=0)
+        return frames_to_tensor([image], img_shape, device)
+    except (OSError, ValueError, RuntimeError, SyntaxError) as error:
+        raise DemoError(f"cannot read source image {path}: {_first_line(error)}") from None
+
+
+def convex_hull_area(points):
+    """Area of the convex hull of 2-D points (N, 2) (Andrew's monotone chain + shoelace); 0 if degenerate.
+
+    Equals ``scipy.spatial.ConvexHull(points).volume`` (what the official code uses) for non-degenerate sets.
+    """
+    pts = sorted(set(map(tuple, np.asarray(points, dtype=np.float64).reshape(-1, 2).tolist())))
+    if len(pts) < 3:
+        return 0.0
+
+    def cross(o, a, b):
+        return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
+
+    def half(sequence):
+        chain = []
+        for point in sequence:
+            while len(chain) >= 2 and cross(chain[-2], chain[-1], point) <= 0:
+                chain.pop()
+            chain.append(point)
+        return chain[:-1]
+
+    hull = np.array(half(pts) + half(pts[::-1]))
+    if len(hull) < 3:
+        return 0.0
+    x, y = hull[:, 0], hull[:, 1]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+
+
+def movement_scale(kp_source, kp_driving_initial):
+    """sqrt(hull area of the source kps) / sqrt(hull area of the reference driving kps), both (B, N, 2).
+
+    Faithful to the official code: only batch element 0 of each is used.
+    """
+    source_area = convex_hull_area(kp_source[0].detach().float().cpu().numpy())
+    driving_area = convex_hull_area(kp_driving_initial[0].detach().float().cpu().numpy())
+    if driving_area <= 0.0:
+        raise DemoError("the keypoints of the reference driving frame are collinear; use --mode standard")
+    return math.sqrt(source_area) / math.sqrt(driving_area)
+
+
+def relative_keypoints(kp_source, kp_driving, kp_driving_initial, scale):
+    """Relative motion transfer: ``kp_source + scale * (kp_driving - kp_driving_initial)``.
+
+    kp_source (1|B, N, 2), kp_driving (B, N, 2), kp_driving_initial (1, N, 2), (x, y) in [-1, 1];
+    ``scale`` from :func:`movement_scale`. Returns (B, N, 2).
+    """
+    return (kp_driving - kp_driving_initial) * scale + kp_source
+
+
+class Animator:
+    """Source-specific state and the per-batch forward pass (call under ``torch.inference_mode``)."""
+
+    def __init__(self, networks, source, mode):
+        self.networks = networks
+        self.source = source
+        self.mode = mode
+        self.kp_source = networks["kp_detector"](source)["fg_kp"]
+        self.kp_initial = None
+        self.scale = None
+
+    def set_reference_frame(self, frame):
+        """Relative mode: keypoints of the reference driving frame (1, 3, H, W) and the movement scale."""
+        self.kp_initial = self.networks["kp_detector"](frame)["fg_kp"]
+        self.scale = movement_scale(self.kp_source, self.kp_initial)
+
+    def __call__(self, driving):
+        """(B, 3, H, W) driving frames -> (B, 3, H, W) predictions in [0, 1]."""
+        batch = driving.shape[0]
+        kp_driving = self.networks["kp_detector"](driving)["fg_kp"]
+        kp_source = self.kp_source.expand(batch, -1, -1)
+        if self.mode == "relative":
+            if self.kp_initial is None:
+                self.set_reference_frame(driving[:1])
+            kp_driving = relative_keypoints(kp_source, kp_driving, self.kp_initial, self.scale)
+        elif self.mode == "avd":
+            kp_driving = self.networks["avd_network"]({"fg_kp": kp_source}, {"fg_kp": kp_driving})["fg_kp"]
+        source = self.source.expand(batch, -1, -1, -1)
+        dense_motion = self.networks["dense_motion_network"](
+            source_image=source, kp_driving={"fg_kp": kp_driving}, kp_source={"fg_kp": kp_source},
+            bg_param=None, dropout_flag=False)
+        return self.networks["inpainting_network"](source_image=source, dense_motion=dense_motion)["prediction"]
+
+
+def open_video(path):
+    """imageio ffmpeg reader of the driving video, its fps and its frame count estimated from the duration (or None)."""
+    try:
+        reader = imageio.v2.get_reader(path, format="FFMPEG")
+        meta = reader.get_meta_data()
+    except (OSError, ValueError, RuntimeError, IndexError) as error:
+        probe = _ffmpeg_probe(path)
+        if "Input #0" in probe and not _VIDEO_STREAM.search(probe):
+            raise DemoError(f"driving video {path} has no frames (no video stream)") from None
+        raise DemoError(f"cannot read driving video {path}: {_first_line(error)}") from None
+    fps = meta.get("fps")
+    if not fps or not math.isfinite(fps) or fps <= 0:
+        reader.close()
+        raise DemoError(f"driving video {path} has no frame rate: is it a video?")
+    duration = meta.get("duration")
+    estimate = None
+    if isinstance(duration, (int, float)) and math.isfinite(duration) and duration > 0:
+        estimate = max(1, round(duration * fps))
+    return reader, float(fps), estimate
+
+
+def iter_batches(path, batch_size):
+    """Stream the driving video as lists of at most ``batch_size`` RGB uint8 frames (H, W, 3)."""
+    reader, _, _ = open_video(path)
+    batch = []
+    try:
+        index = 0
+        while True:
+            try:
+                frame = reader.get_data(index)
+            except IndexError:
+                break
+            except RuntimeError as error:
+                if index == 0:
+                    raise DemoError(f"cannot decode driving video {path}: {_first_line(error)}") from None
+                # Like TPSMM: a broken tail ends the video instead of failing the whole run.
+                print(f"demo.py: warning: driving video unreadable after frame {index}; stopping there "
+                      f"({_first_line(error)})", file=sys.stderr)
+                break
+            batch.append(frame)
+            index += 1
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+    finally:
+        reader.close()
+
+
+def _ffmpeg_probe(path):
+    """What ``ffmpeg -i path`` prints about the file (its stream list), as text."""
+    probe = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", path],
+                           capture_output=True, text=True, errors="replace", check=False)
+    return probe.stderr
+
+
+def has_audio(path):
+    """Whether ffmpeg reports an audio stream in ``path``."""
+    return bool(_AUDIO_STREAM.search(_ffmpeg_probe(path)))
+
+
+def mux_audio(video_path, audio_path, result_path, duration):
+    """Write ``result_path``: the video stream of ``video_path`` and the first audio stream of ``audio_path``.
+
+    Audio is stream-copied when the container accepts it, else re-encoded to AAC. Both start at 0, so
+    frame i stays at time i / fps next to the audio it had in the driving video. The result is cut at
+    ``duration`` (the video's length) rather than with ``-shortest``, which would drop video frames
+    when the audio track is the shorter one. Returns True on success.
+    """
+    for audio_codec in ("copy", "aac"):
+        command = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-v", "error", "-i", video_path, "-i", audio_path,
+                   "-map", "0:v:0", "-map", "1:a:0", "-c:v", "copy", "-c:a", audio_codec,
+                   "-t", f"{duration:.6f}", result_path]
+        if subprocess.run(command, capture_output=True, check=False).returncode == 0:
+            return True
+    return False
+
+
+def find_best_frame(source, path, img_shape, batch_size, device):
+    """Index of the driving frame whose face landmarks best match the source's, and that frame.
+
+    Landmarks (face-alignment, 68 points) are centred and divided by the square root of their convex
+    hull area, then compared by the sum of squared differences, as in TPSMM. Frames without a face are
+    skipped. Returns (index, (1, 3, H, W) frame).
+    """
+    try:
+        import face_alignment
+    except ImportError:
+        raise DemoError("--find_best_frame needs the optional face-alignment package: pip install "
+                        "face-alignment (it downloads its own landmark weights on first use)") from None
+    aligner = face_alignment.FaceAlignment(face_alignment.LandmarksType.TWO_D, flip_input=True,
+                                           device=str(device))
+
+    def normalised_landmarks(image):
+        faces = aligner.get_landmarks(image)
+        if not faces:
+            return None
+        landmarks = np.asarray(faces[0], dtype=np.float64)[:, :2]
+        landmarks = landmarks - landmarks.mean(axis=0, keepdims=True)
+        return landmarks / math.sqrt(max(convex_hull_area(landmarks), 1e-12))
+
+    reference = normalised_landmarks(to_uint8(source)[0])
+    if reference is None:
+        raise DemoError("--find_best_frame: face-alignment finds no face in the source image")
+    best_index, best_norm, best_frame, index = 0, math.inf, None, 0
+    for frames in iter_batches(path, batch_size):
+        tensor = frames_to_tensor(frames, img_shape, device)
+        for offset, image in enumerate(to_uint8(tensor)):
+            landmarks = normalised_landmarks(image)
+            if landmarks is not None:
+                norm = float(((reference - landmarks) ** 2).sum())
+                if norm < best_norm:
+                    best_index, best_norm, best_frame = index + offset, norm, tensor[offset:offset + 1].clone()
+        if best_frame is None and index == 0:
+            best_frame = tensor[:1].clone()
+        index += len(frames)
+    return best_index, best_frame
+
+
+def animate(args, networks, source, fps, frame_estimate, reference_frame, video_path, device):
+    """Animate the streamed driving video into ``video_path`` (no audio).
+
+    Returns (number of frames, seconds spent in the networks).
+    """
+    writer = None
+    model_seconds = 0.0
+    count = 0
+    source_uint8 = to_uint8(source)[0]
+    progress = tqdm(total=frame_estimate, unit="frame", desc="animating", file=sys.stderr)
+    try:
+        with torch.inference_mode():
+            animator = Animator(networks, source, args.mode)
+            if reference_frame is not None and args.mode == "relative":
+                animator.set_reference_frame(reference_frame)
+            for frames in iter_batches(args.driving_video, args.batch_size):
+                driving = frames_to_tensor(frames, args.img_shape, device)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                prediction = animator(driving)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                model_seconds += time.perf_counter() - start
+                result = to_uint8(prediction)
+                if args.side_by_side:
+                    tiles = np.broadcast_to(source_uint8, result.shape)
+                    result = np.concatenate([tiles, to_uint8(driving), result], axis=2)
+                if writer is None:
+                    writer = imageio.v2.get_writer(video_path, format="FFMPEG", fps=fps, codec="libx264",
+                                                   quality=8, macro_block_size=2, ffmpeg_log_level="error")
+                for image in result:
+                    writer.append_data(image)
+                count += len(frames)
+                progress.update(len(frames))
+    finally:
+        progress.close()
+        if writer is not None:
+            writer.close()
+    return count, model_seconds
+
+
+def run(args):
+    """The whole demo; raises DemoError for problems with the inputs."""
+    for flag, path in (("--config", args.config), ("--checkpoint", args.checkpoint),
+                       ("--source_image", args.source_image), ("--driving_video", args.driving_video)):
+        if not os.path.isfile(path):
+            raise DemoError(f"{flag}: file not found: {path}")
+    try:
+        config = load_config(args.config, overrides=args.overrides)
+    except (OSError, ValueError) as error:
+        raise DemoError(_first_line(error)) from None
+    device = resolve_device(args.device, args.cpu)
+    source = read_source_image(args.source_image, args.img_shape, device)
+    reader, fps, frame_estimate = open_video(args.driving_video)
+    reader.close()
+    networks = load_networks(config, args.config, args.checkpoint, device, args.mode)
+
+    reference_frame = None
+    if args.find_best_frame:
+        if args.mode != "relative":
+            print(f"demo.py: note: --find_best_frame only changes --mode relative, not {args.mode}", file=sys.stderr)
+        index, reference_frame = find_best_frame(source, args.driving_video, args.img_shape, args.batch_size,
+                                                 device)
+        print(f"best frame: {index}")
+    # With a fixed reference frame every frame is animated independently of the others, so streaming
+    # the video once in order gives the frames TPSMM gets from animating backwards and forwards from
+    # the best frame.
+
+    result_path = os.path.abspath(args.result_video)
+    folder = os.path.dirname(result_path)
+    suffix = os.path.splitext(result_path)[1].lower() or ".mp4"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        handle, video_path = tempfile.mkstemp(prefix=".demo-", suffix=suffix, dir=folder)
+        os.close(handle)
+    except OSError as error:
+        raise DemoError(f"cannot write {args.result_video}: {_first_line(error)}") from None
+    try:
+        count, model_seconds = animate(args, networks, source, fps, frame_estimate, reference_frame,
+                                       video_path, device)
+        if count == 0:
+            raise DemoError(f"driving video {args.driving_video} has no frames")
+        muxed = False
+        if has_audio(args.driving_video):
+            if suffix in AUDIO_CONTAINERS:
+                muxed = mux_audio(video_path, args.driving_video, result_path, duration=count / fps)
+                if not muxed:
+                    print("demo.py: warning: could not mux the driving video's audio; writing the video "
+                          "without audio", file=sys.stderr)
+            else:
+                print(f"demo.py: note: {suffix} cannot hold audio; the result has none", file=sys.stderr)
+        if not muxed:
+            os.replace(video_path, result_path)
+    finally:
+        if os.path.exists(video_path):
+            os.remove(video_path)
+    print(f"wrote {count} frames at {fps:g} fps to {args.result_video}")
+    print(f"model: {count / max(model_seconds, 1e-9):.2f} frames/s on {device} at "
+          f"{args.img_shape[0]}x{args.img_shape[1]}, batch {args.batch_size} (networks only, without video I/O)")
+    return count, model_seconds
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except DemoError as error:
+        print(f"demo.py: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
