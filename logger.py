@@ -6,6 +6,7 @@ optimizer / scheduler state dicts, integer counters (epoch, step), the seed and 
 config as a plain nested dict. Nothing in it needs unpickling of arbitrary classes.
 """
 import os
+import pickle
 import tempfile
 
 import numpy as np
@@ -44,7 +45,7 @@ def load_checkpoint(path, map_location="cpu"):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"cannot read checkpoint {path}: {first_line}") from error
     if not isinstance(state, dict):
