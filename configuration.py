@@ -133,6 +133,7 @@ SCHEMA = Section(required=True, keys={
         "log_freq": Key("int", 100, "TensorBoard scalars every N iterations"),
         "image_freq": Key("int", 1000, "TensorBoard image grids every N iterations"),
         "max_steps_per_epoch": Key("int|null", None, "cap on iterations per epoch; null = no cap"),
+        "evaluate_after_training": Key("bool", False, "run the test-split reconstruction after training"),
         "dropout_epoch": Key("int", 35, "dropout softmax while epoch < this"),
         "dropout_maxp": Key("float", 0.3, "final dropout probability"),
         "dropout_startp": Key("float", 0.1, "initial dropout probability"),
