@@ -1,0 +1,183 @@
+"""Entry point: ``python run.py --config config/<name>.yaml [--mode train|train_avd|reconstruction]``.
+
+Every run writes into a run directory ``<log_dir>/<config>-<tag>-<YYYYmmdd-HHMMSS>`` holding the
+resolved config (config.yaml), TensorBoard logs, checkpoints and outputs. ``--mode train`` with
+``--checkpoint`` resumes that run in the checkpoint's directory; ``train_avd`` and ``reconstruction``
+read ``--checkpoint`` and write a new run directory (``train_avd`` resumes in place when the
+checkpoint is one of its own).
+
+Multi-GPU/multi-process: ``torchrun --nproc_per_node=N run.py ...`` (DDP; gloo on CPU, nccl on CUDA,
+one GPU per process by LOCAL_RANK). Errors in the inputs (config, checkpoint, data) end the run with
+one line on stderr and exit status 1.
+"""
+import argparse
+import datetime
+import os
+import re
+import sys
+
+import torch
+import torch.distributed
+import yaml
+
+from logger import first_difference, load_checkpoint
+from train import NonFiniteLossError, Distributed, check_checkpoint_config
+
+MODES = ("train", "train_avd", "reconstruction")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="CPABMM: train, train the AVD network, or evaluate "
+                                                 "reconstruction.")
+    parser.add_argument("--config", required=True, help="YAML config, e.g. config/synthetic-64.yaml")
+    parser.add_argument("--mode", default="train", choices=MODES)
+    parser.add_argument("--log_dir", default="runs", help="parent folder of the run directories")
+    parser.add_argument("--checkpoint", default=None,
+                        help="train: resume this checkpoint; train_avd/reconstruction: the trained model")
+    parser.add_argument("--device", default=None,
+                        help="torch device (default: cuda when available, else cpu); under torchrun "
+                             "'cuda' means the GPU of LOCAL_RANK")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override a config key, e.g. --set train_params.num_epochs=2 (repeatable; "
+                             "the value is parsed as YAML)")
+    parser.add_argument("--tag", default=None, help="run directory tag (default: the mode)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of data order and random draws (a resumed run keeps its own)")
+    return parser.parse_args(argv)
+
+
+def setup_distributed(device_arg):
+    """(Distributed, torch.device): DDP from torchrun's environment variables, else one process."""
+    default = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_arg or default)
+    if "WORLD_SIZE" not in os.environ:
+        return Distributed(), device
+    rank = int(os.environ["RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    torch.distributed.init_process_group(backend=backend)
+    return Distributed(rank=rank, world_size=world_size, local_rank=local_rank, initialized=True), device
+
+
+def run_dir_name(config_path, tag, now=None):
+    """``<config>-<tag>-<YYYYmmdd-HHMMSS>``; the tag may hold letters, digits, '.', '_' and '-' only."""
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", tag):
+        raise ValueError(f"--tag {tag!r}: use letters, digits, '.', '_' and '-' only")
+    name = os.path.splitext(os.path.basename(config_path))[0]
+    stamp = (now or datetime.datetime.now()).strftime("%Y%m%d-%H%M%S")
+    return f"{name}-{tag}-{stamp}"
+
+
+def _broadcast(value, dist):
+    if not dist.initialized:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def prepare_run_dir(args, config, dist, resume_dir=None):
+    """Create (rank 0) the run directory, write the resolved config; every rank gets its path."""
+    run_dir = None
+    if dist.is_main:
+        if resume_dir is not None:
+            run_dir = resume_dir
+            config_path = os.path.join(run_dir, "config.yaml")
+            if os.path.exists(config_path):
+                with open(config_path) as stream:
+                    saved = yaml.safe_load(stream)
+                if first_difference(saved, config) is not None:
+                    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+                    config_path = os.path.join(run_dir, f"config-resumed-{stamp}.yaml")
+        else:
+            run_dir = os.path.join(args.log_dir, run_dir_name(args.config, args.tag or args.mode))
+            os.makedirs(run_dir, exist_ok=False)
+            config_path = os.path.join(run_dir, "config.yaml")
+        with open(config_path, "w") as stream:
+            yaml.safe_dump(config, stream, sort_keys=False)
+    return _broadcast(run_dir, dist)
+
+
+def build(config, device):
+    """Networks on ``device`` (modules.build_networks)."""
+    from modules import build_networks
+
+    networks = build_networks(config)
+    for network in networks.values():
+        if network is not None:
+            network.to(device)
+    return networks
+
+
+def execute(args, dist, device):
+    """Run one mode; returns the metrics dict of a reconstruction, else None."""
+    from configuration import load_config
+
+    config = load_config(args.config, args.overrides)
+    checkpoint = None
+    if args.checkpoint is not None:
+        checkpoint = load_checkpoint(args.checkpoint, map_location="cpu")
+        check_checkpoint_config(checkpoint, config, args.checkpoint)
+    elif args.mode != "train":
+        raise ValueError(f"--mode {args.mode} needs --checkpoint")
+    seed = int(checkpoint["seed"]) if checkpoint is not None and "seed" in checkpoint else args.seed
+
+    if config["dataset_params"].get("synthetic"):
+        from synthetic import ensure_dataset
+
+        if dist.is_main:
+            ensure_dataset(config["dataset_params"])
+        dist.barrier()
+
+    resume_dir = None
+    if checkpoint is not None and (args.mode == "train" or (args.mode == "train_avd"
+                                                            and "optimizer_avd" in checkpoint)):
+        resume_dir = os.path.dirname(os.path.abspath(args.checkpoint))
+    networks = build(config, device)
+    run_dir = prepare_run_dir(args, config, dist, resume_dir)
+    if dist.is_main:
+        print(f"run directory: {run_dir}")
+
+    if args.mode == "train":
+        from train import train
+
+        return train(config, networks, run_dir, device, dist=dist, seed=seed, checkpoint=checkpoint,
+                     checkpoint_path=args.checkpoint)
+    if args.mode == "train_avd":
+        from train import train_avd
+
+        return train_avd(config, networks, run_dir, device, dist=dist, seed=seed, checkpoint=checkpoint,
+                         checkpoint_path=args.checkpoint)
+    from frames_dataset import dataset_from_config
+    from reconstruction import reconstruction
+    from train import MAIN_NETWORKS, load_network_states
+
+    load_network_states(networks, checkpoint, args.checkpoint, MAIN_NETWORKS)
+    metrics = None
+    if dist.is_main:
+        dataset = dataset_from_config(config["dataset_params"], is_train=False)
+        metrics = reconstruction(config, networks, dataset, run_dir, device)
+    dist.barrier()
+    return metrics
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dist, device = setup_distributed(args.device)
+    try:
+        execute(args, dist, device)
+    except (ValueError, FileNotFoundError, NonFiniteLossError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.initialized:
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,435 @@
+"""Training drivers: the main networks (``train``) and the AVD network on frozen main networks (``train_avd``).
+
+Both are one code path for a single process and for DDP (``torchrun --nproc_per_node=N run.py ...``):
+a ``DistributedSampler`` splits each epoch's shuffled order between the ranks (one rank when not
+distributed), and only rank 0 writes files (checkpoints, TensorBoard, progress bar).
+``train_params.batch_size`` is the global batch: each of the N ranks gets batch_size / N samples.
+
+Reproducibility: at the start of epoch e every rank seeds ``random``, NumPy and torch from
+(seed, e, rank) and the sampler shuffles with (seed, e). A checkpoint holds the completed-epoch count,
+so "train 2 epochs, save, resume 1 epoch" follows the same path as "train 3 epochs" (with
+``dataloader_workers: 0``, or any worker count on the same machine, since worker seeds derive from
+the per-epoch generator).
+"""
+import math
+import os
+import random
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import MultiStepLR
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from logger import (CheckpointError, Visualizer, first_difference, load_checkpoint,
+                    save_checkpoint)
+
+MAIN_NETWORKS = ("kp_detector", "dense_motion_network", "inpainting_network", "bg_predictor")
+CHECKPOINT_NAME = "checkpoint.pth.tar"
+
+
+class NonFiniteLossError(ArithmeticError):
+    """A loss or gradient became NaN/inf; training stopped before updating the weights."""
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """Where this process sits in a (possibly one-process) job."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    initialized: bool = False
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def barrier(self):
+        if self.initialized:
+            torch.distributed.barrier()
+
+
+def epoch_seed(seed, epoch, rank, stream=0):
+    """A 63-bit seed derived from (seed, epoch, rank, stream) with NumPy's SeedSequence."""
+    state = np.random.SeedSequence([int(seed), int(epoch), int(rank), int(stream)]).generate_state(2)
+    return int((int(state[0]) << 31) ^ int(state[1]))
+
+
+def seed_everything(value):
+    """Seed Python's ``random``, NumPy's global generator and torch (all devices)."""
+    random.seed(value)
+    np.random.seed(value % (2 ** 32))
+    torch.manual_seed(value)
+
+
+def check_checkpoint_config(checkpoint, config, path):
+    """One-line error when the checkpoint was written for other ``model_params`` than ``config``'s."""
+    if "config" not in checkpoint or not isinstance(checkpoint["config"], dict):
+        raise CheckpointError(f"checkpoint {path} holds no config: not written by this framework")
+    saved = checkpoint["config"].get("model_params")
+    difference = first_difference(saved, config["model_params"], "model_params")
+    if difference is not None:
+        key, was, now = difference
+        raise CheckpointError(f"checkpoint {path} belongs to another config: {key} is {was!r} there "
+                              f"but {now!r} in this config")
+
+
+def load_network_states(networks, checkpoint, path, names):
+    """Load the state dicts of ``names`` from ``checkpoint`` into ``networks`` (one-line errors)."""
+    for name in names:
+        network = networks.get(name)
+        if network is None:
+            continue
+        if name not in checkpoint:
+            raise CheckpointError(f"checkpoint {path} has no '{name}' weights")
+        try:
+            network.load_state_dict(checkpoint[name])
+        except RuntimeError as error:
+            first_line = str(error).strip().splitlines()[0]
+            raise CheckpointError(f"checkpoint {path}: '{name}' does not fit this config: {first_line}") from error
+
+
+def make_loader(dataset, batch_size, num_workers, seed, epoch, dist, device):
+    """DataLoader over this rank's share of epoch ``epoch``'s shuffled order (full batches only)."""
+    sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
+                                 seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    generator = torch.Generator()
+    generator.manual_seed(epoch_seed(seed, epoch, dist.rank, stream=1))
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      drop_last=True, pin_memory=device.type == "cuda", generator=generator)
+
+
+def per_rank_batch(batch_size, dist, key):
+    """Split the global batch between the ranks; one-line error when it does not divide."""
+    if batch_size % dist.world_size != 0:
+        raise ValueError(f"{key}={batch_size} is not divisible by the {dist.world_size} processes")
+    return batch_size // dist.world_size
+
+
+def training_dataset(config, num_repeats):
+    """The repeated training split, with a one-line error when it is empty."""
+    from frames_dataset import DatasetRepeater, dataset_from_config
+
+    dataset = dataset_from_config(config["dataset_params"], is_train=True)
+    if len(dataset) == 0:
+        raise ValueError(f"dataset_params.root_dir: no training videos in "
+                         f"{os.path.join(config['dataset_params']['root_dir'], 'train')}")
+    return DatasetRepeater(dataset, num_repeats)
+
+
+def steps_in_epoch(loader, max_steps, dataset_size, batch_size):
+    """Iterations of one epoch: the full batches of this rank, capped by ``max_steps`` when set."""
+    steps = len(loader)
+    if steps == 0:
+        raise ValueError(f"the (repeated) training set has {dataset_size} samples, fewer than one batch "
+                         f"of {batch_size} per process: lower batch_size or raise num_repeats")
+    return steps if max_steps is None else min(steps, max_steps)
+
+
+def check_finite(losses, step, epoch, dist):
+    """Mean of every loss and their sum; ``NonFiniteLossError`` naming the loss when one is NaN/inf.
+
+    Under DDP the ranks agree (one all-reduce) so that all of them stop together.
+    """
+    means = {name: value.float().mean() for name, value in losses.items()}
+    stacked = torch.stack(list(means.values())).detach()
+    finite = torch.isfinite(stacked)
+    all_finite = finite.all().to(torch.int32)
+    if dist.initialized:
+        torch.distributed.all_reduce(all_finite, op=torch.distributed.ReduceOp.MIN)
+    if not bool(all_finite.item()):
+        bad = [name for name, ok in zip(means, finite.tolist()) if not ok]
+        where = f"loss '{bad[0]}' is {means[bad[0]].item()}" if bad else "a loss on another rank is not finite"
+        raise NonFiniteLossError(f"{where} at step {step} (epoch {epoch}); stopped before updating the "
+                                 f"weights, no checkpoint written for this epoch")
+    return sum(means.values()), means
+
+
+def clip_gradients(module, max_norm, name, step, epoch):
+    """Clip the inf-norm of ``module``'s gradients to ``max_norm``; error if a gradient is NaN/inf."""
+    parameters = [parameter for parameter in module.parameters() if parameter.grad is not None]
+    if not parameters:
+        return
+    norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm=max_norm, norm_type=math.inf)
+    if not bool(torch.isfinite(norm).item()):
+        raise NonFiniteLossError(f"gradient of {name} is not finite at step {step} (epoch {epoch}); "
+                                 f"stopped before updating the weights, no checkpoint written for this epoch")
+
+
+class RunLog:
+    """Rank-0 TensorBoard scalars/images and tqdm bar with running losses; silent on other ranks."""
+
+    def __init__(self, run_dir, dist, total_steps, initial_step, log_freq, image_freq, visualizer_params):
+        self.enabled = dist.is_main
+        self.log_freq = log_freq
+        self.image_freq = image_freq
+        self.sums = {}
+        self.counts = {}
+        self.count = 0
+        self.window_start = time.perf_counter()
+        self.writer = None
+        self.bar = None
+        self.visualizer = Visualizer(kp_size=visualizer_params["kp_size"],
+                                     draw_border=visualizer_params["draw_border"],
+                                     colormap=visualizer_params["colormap"])
+        if self.enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"))
+            self.bar = tqdm(total=total_steps, initial=initial_step, unit="it", dynamic_ncols=True)
+
+    def step(self, step, epoch, means, learning_rates):
+        """Record the losses of global step ``step`` (0-based, already done); write every log_freq."""
+        if not self.enabled:
+            return
+        for name, value in means.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(value)
+            self.counts[name] = self.counts.get(name, 0) + 1
+        self.count += 1
+        running = {name: total / self.counts[name] for name, total in self.sums.items()}
+        self.bar.set_postfix({"epoch": epoch, **{name: f"{value:.4f}" for name, value in running.items()}},
+                             refresh=False)
+        self.bar.update(1)
+        if (step + 1) % self.log_freq == 0:
+            seconds = (time.perf_counter() - self.window_start) / self.count
+            for name, value in running.items():
+                self.writer.add_scalar(f"loss/{name}", value, step + 1)
+            self.writer.add_scalar("loss/total", sum(running.values()), step + 1)
+            for name, value in learning_rates.items():
+                self.writer.add_scalar(f"lr/{name}", value, step + 1)
+            self.writer.add_scalar("time/seconds_per_iteration", seconds, step + 1)
+            self.sums = {}
+            self.counts = {}
+            self.count = 0
+            self.window_start = time.perf_counter()
+
+    def images(self, step, source, driving, generated, tag="train/grid"):
+        """Write a visualisation grid when ``step`` (0-based) is a multiple of image_freq."""
+        if self.enabled and step % self.image_freq == 0:
+            grid = self.visualizer.visualize(source, driving, generated)
+            self.writer.add_image(tag, grid, step, dataformats="HWC")
+
+    def message(self, text):
+        if self.enabled:
+            self.bar.write(text)
+
+    def close(self):
+        if self.enabled:
+            self.bar.close()
+            self.writer.close()
+
+
+def _state_dicts(networks, names):
+    return {name: networks[name].state_dict() for name in names if networks.get(name) is not None}
+
+
+def _save_epoch(run_dir, state, epochs_done, checkpoint_freq):
+    """Latest checkpoint every epoch, a numbered copy every ``checkpoint_freq`` epochs (both atomic)."""
+    save_checkpoint(os.path.join(run_dir, CHECKPOINT_NAME), state)
+    if epochs_done % checkpoint_freq == 0:
+        save_checkpoint(os.path.join(run_dir, f"checkpoint-{epochs_done:05d}.pth.tar"), state)
+
+
+def _wrap(module, dist, device):
+    if not dist.initialized:
+        return module
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=True)
+
+
+def train(config, networks, run_dir, device, dist=Distributed(), seed=0, checkpoint=None,
+          checkpoint_path=None):
+    """Train the main networks (official optimisation, DESIGN.md §5); returns the reconstruction
+    metrics of the test split when ``train_params.evaluate_after_training`` is set, else None.
+
+    networks: ``modules.build_networks(config)``; checkpoint: a loaded checkpoint dict to resume from
+    (its epoch, step, optimizer and scheduler states), already checked against ``config``.
+    """
+    from full_model import GeneratorFullModel
+
+    params = config["train_params"]
+    for network in networks.values():
+        if network is not None:
+            network.to(device)
+    if params["channels_last"]:
+        for name in MAIN_NETWORKS:
+            if networks.get(name) is not None:
+                networks[name].to(memory_format=torch.channels_last)
+    bg_predictor = networks.get("bg_predictor")
+    optimizer = torch.optim.Adam(list(networks["inpainting_network"].parameters())
+                                 + list(networks["dense_motion_network"].parameters())
+                                 + list(networks["kp_detector"].parameters()),
+                                 lr=params["lr_generator"], betas=(0.5, 0.999), weight_decay=1e-4)
+    scheduler = MultiStepLR(optimizer, params["epoch_milestones"], gamma=0.1)
+    optimizer_bg = scheduler_bg = None
+    if bg_predictor is not None:
+        optimizer_bg = torch.optim.Adam(bg_predictor.parameters(), lr=params["lr_generator"],
+                                        betas=(0.5, 0.999), weight_decay=1e-4)
+        scheduler_bg = MultiStepLR(optimizer_bg, params["epoch_milestones"], gamma=0.1)
+
+    start_epoch, step = 0, 0
+    if checkpoint is not None:
+        load_network_states(networks, checkpoint, checkpoint_path, MAIN_NETWORKS)
+        for key, target in (("optimizer", optimizer), ("scheduler", scheduler),
+                            ("optimizer_bg", optimizer_bg), ("scheduler_bg", scheduler_bg)):
+            if target is None:
+                continue
+            if key not in checkpoint:
+                raise CheckpointError(f"checkpoint {checkpoint_path} has no '{key}' state: cannot resume")
+            target.load_state_dict(checkpoint[key])
+        start_epoch, step = int(checkpoint["epoch"]), int(checkpoint["step"])
+
+    dataset = training_dataset(config, params["num_repeats"])
+    batch_size = per_rank_batch(params["batch_size"], dist, "train_params.batch_size")
+    full_model = GeneratorFullModel(networks, params).to(device)
+    model = _wrap(full_model, dist, device)
+    steps_per_epoch = steps_in_epoch(make_loader(dataset, batch_size, 0, seed, 0, dist, device),
+                                     params["max_steps_per_epoch"], len(dataset), batch_size)
+    log = RunLog(run_dir, dist, params["num_epochs"] * steps_per_epoch, start_epoch * steps_per_epoch,
+                 params["log_freq"], params["image_freq"], config["visualizer_params"])
+    try:
+        for epoch in range(start_epoch, params["num_epochs"]):
+            seed_everything(epoch_seed(seed, epoch, dist.rank))
+            loader = make_loader(dataset, batch_size, params["dataloader_workers"], seed, epoch, dist, device)
+            full_model.train()
+            optimizer.zero_grad(set_to_none=True)
+            if optimizer_bg is not None:
+                optimizer_bg.zero_grad(set_to_none=True)
+            train_bg = bg_predictor is not None and epoch >= params["bg_start"]
+            for index, batch in enumerate(loader):
+                if index >= steps_per_epoch:
+                    break
+                memory_format = torch.channels_last if params["channels_last"] else torch.contiguous_format
+                x = {key: batch[key].to(device, non_blocking=True).contiguous(memory_format=memory_format)
+                     for key in ("source", "driving")}
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=params["amp"]):
+                    losses, generated = model(x, epoch, step)
+                total, means = check_finite(losses, step, epoch, dist)
+                total.backward()
+                clip_gradients(networks["kp_detector"], params["clip_grad_norm"], "kp_detector", step, epoch)
+                clip_gradients(networks["dense_motion_network"], params["clip_grad_norm"],
+                               "dense_motion_network", step, epoch)
+                if train_bg:
+                    clip_gradients(bg_predictor, params["clip_grad_norm"], "bg_predictor", step, epoch)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if train_bg:
+                    optimizer_bg.step()
+                    optimizer_bg.zero_grad(set_to_none=True)
+                learning_rates = {"generator": optimizer.param_groups[0]["lr"]}
+                if optimizer_bg is not None:
+                    learning_rates["bg_predictor"] = optimizer_bg.param_groups[0]["lr"]
+                log.step(step, epoch, {name: value.item() for name, value in means.items()}, learning_rates)
+                log.images(step, x["source"], x["driving"], generated)
+                step += 1
+            scheduler.step()
+            if scheduler_bg is not None:
+                with warnings.catch_warnings():
+                    # Faithful to the official code: the BG scheduler steps every epoch, also before
+                    # bg_start when its optimizer has not stepped yet (harmless for MultiStepLR).
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                    scheduler_bg.step()
+            if dist.is_main:
+                state = _state_dicts(networks, MAIN_NETWORKS)
+                state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                             epoch=epoch + 1, step=step, seed=seed, config=config)
+                if optimizer_bg is not None:
+                    state.update(optimizer_bg=optimizer_bg.state_dict(), scheduler_bg=scheduler_bg.state_dict())
+                _save_epoch(run_dir, state, epoch + 1, params["checkpoint_freq"])
+            dist.barrier()
+    finally:
+        log.close()
+
+    if not params["evaluate_after_training"]:
+        return None
+    metrics = None
+    if dist.is_main:
+        from frames_dataset import dataset_from_config
+        from reconstruction import reconstruction
+
+        test_set = dataset_from_config(config["dataset_params"], is_train=False)
+        metrics = reconstruction(config, networks, test_set, run_dir, device)
+    dist.barrier()
+    return metrics
+
+
+def random_scale(keypoints, scale, generator=None):
+    """Scale keypoints (B, N, 2), (x, y) in [-1, 1], about the origin by per-sample factors drawn
+    uniformly in [1 - scale, 1 + scale], independently for x and y (TPSMM's AVD augmentation)."""
+    factors = torch.rand(keypoints.shape[0], 1, 2, generator=generator) * (2 * scale) + (1 - scale)
+    return keypoints * factors.to(device=keypoints.device, dtype=keypoints.dtype)
+
+
+def train_avd(config, networks, run_dir, device, dist=Distributed(), seed=0, checkpoint=None,
+              checkpoint_path=None):
+    """Train the AVD network on frozen main networks loaded from ``checkpoint`` (required).
+
+    Loss (MRAA/TPSMM): lambda_shift * mean |kp_driving - AVD(kp_source, random_scale(kp_driving))|.
+    The checkpoint written holds the frozen main networks as loaded plus avd_network, optimizer_avd,
+    scheduler_avd, avd_epoch, avd_step; resuming from such a checkpoint continues the AVD run.
+    """
+    if checkpoint is None:
+        raise ValueError("--mode train_avd needs --checkpoint: a checkpoint of the trained main networks")
+    params = config["train_avd_params"]
+    load_network_states(networks, checkpoint, checkpoint_path, MAIN_NETWORKS)
+    for name in MAIN_NETWORKS:
+        if networks.get(name) is not None:
+            networks[name].to(device).eval().requires_grad_(False)
+    avd_network = networks["avd_network"].to(device)
+    kp_detector = networks["kp_detector"]
+    optimizer = torch.optim.Adam(avd_network.parameters(), lr=params["lr"], betas=(0.5, 0.999))
+    scheduler = MultiStepLR(optimizer, params["epoch_milestones"], gamma=0.1)
+    start_epoch, step = 0, 0
+    if "optimizer_avd" in checkpoint:
+        load_network_states(networks, checkpoint, checkpoint_path, ("avd_network",))
+        optimizer.load_state_dict(checkpoint["optimizer_avd"])
+        scheduler.load_state_dict(checkpoint["scheduler_avd"])
+        start_epoch, step = int(checkpoint["avd_epoch"]), int(checkpoint["avd_step"])
+
+    dataset = training_dataset(config, params["num_repeats"])
+    batch_size = per_rank_batch(params["batch_size"], dist, "train_avd_params.batch_size")
+    model = _wrap(avd_network, dist, device)
+    steps_per_epoch = steps_in_epoch(make_loader(dataset, batch_size, 0, seed, 0, dist, device), None,
+                                     len(dataset), batch_size)
+    train_params = config["train_params"]
+    log = RunLog(run_dir, dist, params["num_epochs"] * steps_per_epoch, start_epoch * steps_per_epoch,
+                 train_params["log_freq"], train_params["image_freq"], config["visualizer_params"])
+    try:
+        for epoch in range(start_epoch, params["num_epochs"]):
+            seed_everything(epoch_seed(seed, epoch, dist.rank))
+            loader = make_loader(dataset, batch_size, params["dataloader_workers"], seed, epoch, dist, device)
+            avd_network.train()
+            for batch in loader:
+                source = batch["source"].to(device, non_blocking=True)
+                driving = batch["driving"].to(device, non_blocking=True)
+                with torch.no_grad():
+                    kp_source = kp_detector(source)
+                    kp_driving = kp_detector(driving)
+                    kp_random = {"fg_kp": random_scale(kp_driving["fg_kp"], params["random_scale"])}
+                reconstructed = model(kp_source, kp_random)
+                error = torch.abs(kp_driving["fg_kp"] - reconstructed["fg_kp"]).mean()
+                losses = {"rec_kp": params["lambda_shift"] * error}
+                total, means = check_finite(losses, step, epoch, dist)
+                total.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                log.step(step, epoch, {name: value.item() for name, value in means.items()},
+                         {"avd": optimizer.param_groups[0]["lr"]})
+                step += 1
+            scheduler.step()
+            if dist.is_main:
+                state = {key: value for key, value in checkpoint.items()
+                         if key in MAIN_NETWORKS or key in ("epoch", "step")}
+                state.update(avd_network=avd_network.state_dict(), optimizer_avd=optimizer.state_dict(),
+                             scheduler_avd=scheduler.state_dict(), avd_epoch=epoch + 1, avd_step=step,
+                             seed=seed, config=config)
+                _save_epoch(run_dir, state, epoch + 1, params["checkpoint_freq"])
+            dist.barrier()
+    finally:
+        log.close()
