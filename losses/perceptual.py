@@ -15,12 +15,10 @@ import torch
 from torch import nn
 from torchvision.models.vgg import cfgs, make_layers
 
-from losses.pretrained import freeze, load_state_dict_file
+from losses.pretrained import IMAGENET_MEAN, IMAGENET_STD, freeze, load_state_dict_file
 from modules.blocks import AntiAliasInterpolation2d
 
 VGG19_SLICES = ((0, 2), (2, 7), (7, 12), (12, 21), (21, 30))
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def build_vgg19_features(weights_path=None):

@@ -30,6 +30,11 @@ WEIGHT_SOURCES = {
 }
 
 
+# ImageNet normalisation of the torchvision VGG-19 and DINO inputs (images in [0, 1]).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
 class MissingWeightsError(ConfigError):
     """A loss is on but its pretrained weight file is missing (one-line message, see the module doc)."""
 

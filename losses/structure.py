@@ -19,8 +19,7 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from losses.perceptual import IMAGENET_MEAN, IMAGENET_STD
-from losses.pretrained import freeze, load_state_dict_file
+from losses.pretrained import IMAGENET_MEAN, IMAGENET_STD, freeze, load_state_dict_file
 
 DINO_LAYER = 11
 # Faithful to the official code: the denominator of the cosine similarity is clamped at 1e-8.
