@@ -1,0 +1,383 @@
+"""Video data sets in the FOMM/TPSMM layout.
+
+``<root_dir>/train/<video>`` and ``<root_dir>/test/<video>``, where a video is one of
+- a folder of frames (``.png``/``.jpg``/``.jpeg``/``.bmp``, in sorted file-name order),
+- an ``.mp4``/``.mov`` (decoded by the ffmpeg of imageio-ffmpeg, streamed: a training item decodes
+  only up to its later frame and keeps the two it needs; no size limit on long videos),
+- a ``.gif`` (Pillow, frames seeked one by one),
+- one ``.png``/``.jpg`` strip of frames concatenated left to right (needs ``frame_shape``).
+Grey, palette and RGBA frames become RGB (alpha dropped, like FOMM). Frames are not resized: with
+``frame_shape`` set, a frame of another size is an error.
+
+Items (float32, values in [0, 1], channels first):
+- training: ``{'source': (C, H, W), 'driving': (C, H, W), 'name': str}``, two frames drawn with
+  replacement and sorted in time, then augmented identically (augmentation.py);
+- evaluation: ``{'video': (C, T, H, W), 'name': str}`` with every frame.
+``name`` is the entry's file or folder name as listed in the split (``00012.mp4``, ``id#vid#clip``).
+
+Randomness: each item draws a seed from torch's global generator (seeded per DataLoader worker by
+PyTorch, and by ``torch.manual_seed`` in the main process) and uses a ``numpy.random.Generator``.
+"""
+
+import csv
+import os
+
+import imageio_ffmpeg
+import numpy as np
+import torch
+from PIL import Image, ImageSequence, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from augmentation import Augmentation
+
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".gif")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
+STRIP_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+class DatasetError(ValueError):
+    """A data problem; the message is one line naming the path."""
+
+
+def _first_line(error):
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def image_to_rgb(image):
+    """A PIL image -> float32 array (H, W, 3) in [0, 1]; grey/palette/RGBA converted, alpha dropped."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(image, dtype=np.float32) / 255.0
+
+
+def _check_shape(frame, frame_shape, path, index):
+    if frame_shape is not None and frame.shape[:2] != tuple(frame_shape[:2]):
+        raise DatasetError(f"{path}: frame {index} is {frame.shape[0]}x{frame.shape[1]}, expected "
+                           f"{frame_shape[0]}x{frame_shape[1]} (dataset_params.frame_shape)")
+
+
+def _frame_files(path):
+    names = sorted(name for name in os.listdir(path)
+                   if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS))
+    if not names:
+        raise DatasetError(f"{path}: folder holds no frames ({', '.join(IMAGE_EXTENSIONS)})")
+    return [os.path.join(path, name) for name in names]
+
+
+def _open_image(path):
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, UnidentifiedImageError, ValueError) as error:
+        raise DatasetError(f"{path}: unreadable or corrupt image ({_first_line(error)})") from None
+    return image
+
+
+def _strip_count(path, frame_shape):
+    if frame_shape is None:
+        raise DatasetError(f"{path}: a .png/.jpg strip of frames needs dataset_params.frame_shape")
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except (OSError, UnidentifiedImageError) as error:
+        raise DatasetError(f"{path}: unreadable or corrupt image ({_first_line(error)})") from None
+    frame_h, frame_w = frame_shape[:2]
+    if height != frame_h or width % frame_w:
+        raise DatasetError(f"{path}: strip of {height}x{width} is not a row of {frame_h}x{frame_w} frames "
+                           f"(dataset_params.frame_shape)")
+    return width // frame_w
+
+
+def count_frames(path, frame_shape=None):
+    """Number of frames of a video entry (folder, strip, .gif, .mp4/.mov)."""
+    lower = path.lower()
+    if os.path.isdir(path):
+        return len(_frame_files(path))
+    if lower.endswith(STRIP_EXTENSIONS):
+        return _strip_count(path, frame_shape)
+    if lower.endswith(".gif"):
+        try:
+            with Image.open(path) as image:
+                return int(getattr(image, "n_frames", 1))
+        except (OSError, UnidentifiedImageError) as error:
+            raise DatasetError(f"{path}: unreadable or corrupt video ({_first_line(error)})") from None
+    if lower.endswith((".mp4", ".mov")):
+        try:
+            count, _ = imageio_ffmpeg.count_frames_and_secs(path)
+        except (OSError, RuntimeError, ValueError) as error:
+            raise DatasetError(f"{path}: unreadable or corrupt video ({_first_line(error)})") from None
+        if count < 1:
+            raise DatasetError(f"{path}: unreadable or corrupt video (no frames decoded)")
+        return count
+    raise DatasetError(f"{path}: unsupported video entry; expected a folder of frames, "
+                       f"{', '.join(VIDEO_EXTENSIONS)} or a {', '.join(STRIP_EXTENSIONS)} strip")
+
+
+def _read_ffmpeg(path, wanted):
+    """Decode an .mp4/.mov up to the last wanted index; returns {index: frame} (streamed, bounded memory)."""
+    last = max(wanted)
+    found = {}
+    reader = None
+    try:
+        reader = imageio_ffmpeg.read_frames(path, pix_fmt="rgb24")
+        meta = next(reader)
+        width, height = meta["size"]
+        for index, buffer in enumerate(reader):
+            if index in wanted:
+                frame = np.frombuffer(buffer, dtype=np.uint8).reshape(height, width, 3)
+                found[index] = frame.astype(np.float32) / 255.0
+            if index >= last:
+                break
+    except (OSError, RuntimeError, ValueError, StopIteration) as error:
+        raise DatasetError(f"{path}: unreadable or corrupt video ({_first_line(error)})") from None
+    finally:
+        if reader is not None:
+            reader.close()
+    if len(found) < len(wanted):
+        raise DatasetError(f"{path}: unreadable or corrupt video (frame {last} requested, "
+                           f"{len(found)} of the wanted frames decoded)")
+    return found
+
+
+def _read_gif(path, wanted):
+    found = {}
+    try:
+        with Image.open(path) as image:
+            for index, frame in enumerate(ImageSequence.Iterator(image)):
+                if index in wanted:
+                    found[index] = image_to_rgb(frame)
+                if index >= max(wanted):
+                    break
+    except (OSError, UnidentifiedImageError, ValueError, EOFError) as error:
+        raise DatasetError(f"{path}: unreadable or corrupt video ({_first_line(error)})") from None
+    if len(found) < len(wanted):
+        raise DatasetError(f"{path}: unreadable or corrupt video (frame {max(wanted)} requested)")
+    return found
+
+
+def read_frames(path, indices=None, frame_shape=None):
+    """Read frames ``indices`` (default: all, in order) of a video entry.
+
+    Returns a float32 array (N, H, W, 3) in [0, 1] in the order of ``indices`` (repeats allowed).
+    Raises DatasetError (one line naming the path) on an unreadable/corrupt file, a strip without
+    ``frame_shape`` or a frame whose size differs from ``frame_shape`` (or from the first frame).
+    """
+    if indices is None:
+        indices = range(count_frames(path, frame_shape))
+    indices = [int(index) for index in indices]
+    if not indices:
+        raise DatasetError(f"{path}: no frame requested")
+    wanted = set(indices)
+    lower = path.lower()
+    if os.path.isdir(path):
+        files = _frame_files(path)
+        if max(wanted) >= len(files):
+            raise DatasetError(f"{path}: frame {max(wanted)} requested, the folder has {len(files)}")
+        found = {}
+        for index in sorted(wanted):
+            with _open_image(files[index]) as image:
+                found[index] = image_to_rgb(image)
+    elif lower.endswith(STRIP_EXTENSIONS):
+        count = _strip_count(path, frame_shape)
+        with _open_image(path) as image:
+            strip = image_to_rgb(image)
+        frame_w = frame_shape[1]
+        found = {index: strip[:, index * frame_w:(index + 1) * frame_w] for index in sorted(wanted)
+                 if index < count}
+        if len(found) < len(wanted):
+            raise DatasetError(f"{path}: frame {max(wanted)} requested, the strip has {count}")
+    elif lower.endswith(".gif"):
+        found = _read_gif(path, wanted)
+    elif lower.endswith((".mp4", ".mov")):
+        found = _read_ffmpeg(path, wanted)
+    else:
+        raise DatasetError(f"{path}: unsupported video entry; expected a folder of frames, "
+                           f"{', '.join(VIDEO_EXTENSIONS)} or a {', '.join(STRIP_EXTENSIONS)} strip")
+    reference = found[indices[0]].shape
+    for index in sorted(wanted):
+        _check_shape(found[index], frame_shape, path, index)
+        if found[index].shape != reference:
+            raise DatasetError(f"{path}: frame {index} is {found[index].shape[0]}x{found[index].shape[1]}, "
+                               f"frame {indices[0]} is {reference[0]}x{reference[1]}")
+    return np.stack([found[index] for index in indices])
+
+
+def _is_video_entry(split_dir, name):
+    if name.startswith("."):
+        return False
+    if os.path.isdir(os.path.join(split_dir, name)):
+        return True
+    return name.lower().endswith(VIDEO_EXTENSIONS + STRIP_EXTENSIONS)
+
+
+def _item_seed():
+    return int(torch.randint(0, 2 ** 62, (1,)).item())
+
+
+class FramesDataset(Dataset):
+    """Videos of ``<root_dir>/train`` (``is_train``) or ``<root_dir>/test``; see the module docstring.
+
+    Args:
+        root_dir: the data set folder (must hold ``train/`` and ``test/``).
+        frame_shape: ``[H, W]`` or ``[H, W, C]``; required for strips; frames of another size are an error.
+        id_sampling: training only: an item is an identity (name prefix before the first ``#``),
+            the video is drawn among that identity's videos; ``len`` = number of identities.
+        is_train: training items (pairs, augmented) or evaluation items (whole videos).
+        augmentation_params: ``dataset_params.augmentation_params`` (training only; None = none).
+        pairs_list: CSV of animation pairs, used by ``PairedDataset``.
+    """
+
+    def __init__(self, root_dir, frame_shape=None, id_sampling=False, is_train=True,
+                 augmentation_params=None, pairs_list=None):
+        root_dir = str(root_dir)
+        if not os.path.isdir(root_dir):
+            raise DatasetError(f"dataset root_dir not found: {root_dir} (dataset_params.root_dir)")
+        split = "train" if is_train else "test"
+        self.split_dir = os.path.join(root_dir, split)
+        if not os.path.isdir(self.split_dir):
+            raise DatasetError(f"{self.split_dir} not found: the layout is <root_dir>/train and <root_dir>/test")
+        entries = sorted(os.listdir(self.split_dir))
+        self.videos = [name for name in entries if _is_video_entry(self.split_dir, name)]
+        if not self.videos:
+            raise DatasetError(f"{self.split_dir} holds no videos (folders of frames, "
+                               f"{', '.join(VIDEO_EXTENSIONS + STRIP_EXTENSIONS)}; {len(entries)} other entries)")
+        if frame_shape is not None and len(frame_shape) not in (2, 3):
+            raise DatasetError(f"{root_dir}: frame_shape must be [H, W] or [H, W, C], got {frame_shape}")
+        self.frame_shape = tuple(frame_shape) if frame_shape is not None else None
+        if self.frame_shape is None:
+            for name in self.videos:
+                if name.lower().endswith(STRIP_EXTENSIONS):
+                    raise DatasetError(f"{os.path.join(self.split_dir, name)}: a .png/.jpg strip of frames "
+                                       f"needs dataset_params.frame_shape")
+        self.root_dir = root_dir
+        self.is_train = is_train
+        self.id_sampling = bool(id_sampling) and is_train
+        self.pairs_list = pairs_list
+        self.augmentation = Augmentation.from_config(augmentation_params) if is_train else None
+        if self.id_sampling:
+            groups = {}
+            for name in self.videos:
+                groups.setdefault(name.split("#")[0], []).append(name)
+            self.ids = sorted(groups)
+            self.videos_of_id = groups
+        self._num_frames = {}
+
+    def __len__(self):
+        return len(self.ids) if self.id_sampling else len(self.videos)
+
+    def num_frames(self, name):
+        """Frame count of the video ``name`` (cached)."""
+        if name not in self._num_frames:
+            self._num_frames[name] = count_frames(os.path.join(self.split_dir, name), self.frame_shape)
+        return self._num_frames[name]
+
+    def __getitem__(self, index):
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items of {self.split_dir}")
+        if not self.is_train:
+            name = self.videos[index]
+            video = read_frames(os.path.join(self.split_dir, name), frame_shape=self.frame_shape)
+            return {"video": torch.from_numpy(video).permute(3, 0, 1, 2).contiguous(), "name": name}
+        rng = np.random.default_rng(_item_seed())
+        if self.id_sampling:
+            choices = self.videos_of_id[self.ids[index]]
+            name = choices[int(rng.integers(len(choices)))]
+        else:
+            name = self.videos[index]
+        frame_index = np.sort(rng.choice(self.num_frames(name), size=2, replace=True))
+        frames = read_frames(os.path.join(self.split_dir, name), frame_index, frame_shape=self.frame_shape)
+        clip = torch.from_numpy(frames).permute(0, 3, 1, 2)
+        if self.augmentation is not None:
+            clip = self.augmentation(clip, rng)
+        clip = clip.contiguous()
+        return {"source": clip[0], "driving": clip[1], "name": name}
+
+
+class DatasetRepeater(Dataset):
+    """``num_repeats`` passes over ``dataset`` per epoch (fewer, longer epochs for small data sets).
+
+    Unlike FOMM's version, an error of the underlying data set propagates instead of being retried
+    forever.
+    """
+
+    def __init__(self, dataset, num_repeats=100):
+        if not isinstance(num_repeats, int) or num_repeats < 1:
+            raise ValueError(f"num_repeats must be a positive int, got {num_repeats!r}")
+        self.dataset = dataset
+        self.num_repeats = num_repeats
+
+    def __len__(self):
+        return self.num_repeats * len(self.dataset)
+
+    def __getitem__(self, index):
+        return self.dataset[index % len(self.dataset)]
+
+
+def read_pairs_csv(path):
+    """Rows ``(source, driving)`` of a pairs CSV with a header holding ``source`` and ``driving``."""
+    if not os.path.isfile(path):
+        raise DatasetError(f"pairs list not found: {path} (dataset_params.pairs_list)")
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        fields = reader.fieldnames or []
+        if "source" not in fields or "driving" not in fields:
+            raise DatasetError(f"{path}: the pairs CSV needs the columns source,driving, got {','.join(fields)}")
+        return [(row["source"].strip(), row["driving"].strip()) for row in reader]
+
+
+class PairedDataset(Dataset):
+    """(source video, driving video) pairs of an evaluation ``FramesDataset`` for animation.
+
+    With a pairs CSV (columns ``source,driving``; names with or without their extension), the first
+    ``number_of_pairs`` rows whose two videos are in the data set. Without one, like FOMM:
+    ``number_of_pairs`` distinct (driving, source) index pairs drawn without replacement from the
+    first ``min(number_of_pairs, len)`` videos, seeded by ``seed``.
+    Items: ``driving_video``, ``driving_name``, ``source_video``, ``source_name``.
+    """
+
+    def __init__(self, initial_dataset, number_of_pairs, seed=0, pairs_list=None):
+        if getattr(initial_dataset, "is_train", False):
+            raise ValueError("PairedDataset needs an evaluation data set (is_train=False)")
+        self.initial_dataset = initial_dataset
+        pairs_list = pairs_list if pairs_list is not None else getattr(initial_dataset, "pairs_list", None)
+        if pairs_list is None:
+            rng = np.random.default_rng(seed)
+            count = min(number_of_pairs, len(initial_dataset))
+            grid = np.stack(np.meshgrid(np.arange(count), np.arange(count), indexing="ij"), -1).reshape(-1, 2)
+            chosen = rng.choice(len(grid), size=min(number_of_pairs, len(grid)), replace=False)
+            self.pairs = [tuple(int(i) for i in grid[k]) for k in chosen]
+        else:
+            lookup = {}
+            for position, name in enumerate(initial_dataset.videos):
+                lookup.setdefault(os.path.splitext(name)[0], position)
+                lookup[name] = position
+            rows = [(lookup[source], lookup[driving]) for source, driving in read_pairs_csv(pairs_list)
+                    if source in lookup and driving in lookup]
+            self.pairs = [(driving, source) for source, driving in rows[:number_of_pairs]]
+            if not self.pairs:
+                raise DatasetError(f"{pairs_list}: no pair names two videos of {initial_dataset.split_dir}")
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, index):
+        driving_index, source_index = self.pairs[index]
+        driving = self.initial_dataset[driving_index]
+        source = self.initial_dataset[source_index]
+        return {"driving_video": driving["video"], "driving_name": driving["name"],
+                "source_video": source["video"], "source_name": source["name"]}
+
+
+def dataset_from_config(dataset_params, is_train):
+    """Build the ``FramesDataset`` of a validated ``dataset_params`` section.
+
+    Generates the synthetic data set first when ``root_dir`` is missing and ``synthetic`` is set.
+    """
+    from synthetic import ensure_dataset
+
+    ensure_dataset(dataset_params)
+    return FramesDataset(root_dir=dataset_params["root_dir"], frame_shape=dataset_params.get("frame_shape"),
+                         id_sampling=dataset_params.get("id_sampling", False), is_train=is_train,
+                         augmentation_params=dataset_params.get("augmentation_params"),
+                         pairs_list=dataset_params.get("pairs_list"))
