@@ -137,6 +137,7 @@ def execute(args, dist, device):
     if checkpoint is not None and (args.mode == "train" or (args.mode == "train_avd"
                                                             and "optimizer_avd" in checkpoint)):
         resume_dir = os.path.dirname(os.path.abspath(args.checkpoint))
+    torch.manual_seed(seed)
     networks = build(config, device)
     run_dir = prepare_run_dir(args, config, dist, resume_dir)
     if dist.is_main:

@@ -14,6 +14,7 @@ the per-epoch generator).
 import math
 import os
 import random
+import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -333,7 +334,7 @@ def train(config, networks, run_dir, device, dist=Distributed(), seed=0, checkpo
                 with warnings.catch_warnings():
                     # Faithful to the official code: the BG scheduler steps every epoch, also before
                     # bg_start when its optimizer has not stepped yet (harmless for MultiStepLR).
-                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                    warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
                     scheduler_bg.step()
             if dist.is_main:
                 state = _state_dicts(networks, MAIN_NETWORKS)

@@ -1,0 +1,260 @@
+"""run.py / train.py end to end on a tiny synthetic set and tiny networks (CPU, seconds each).
+
+One module-scoped training run provides the checkpoint that the train_avd, reconstruction and
+bad-input tests start from.
+"""
+import glob
+import json
+import os
+
+import pytest
+import torch
+
+import run
+from logger import load_checkpoint
+from train import Distributed, NonFiniteLossError, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "config", "synthetic-64.yaml")
+
+
+def tiny_overrides(data_dir):
+    """--set overrides: 4 training / 2 test videos of 6 frames at 32x32, tiny networks, 2 steps."""
+    return [
+        f"dataset_params.root_dir={data_dir}",
+        "dataset_params.frame_shape=[32, 32, 3]",
+        "dataset_params.synthetic.num_train=4",
+        "dataset_params.synthetic.num_test=2",
+        "dataset_params.synthetic.num_frames=6",
+        "dataset_params.synthetic.size=32",
+        "model_params.common_params.num_cpab=2",
+        "model_params.generator_params.block_expansion=8",
+        "model_params.generator_params.max_features=16",
+        "model_params.dense_motion_params.block_expansion=8",
+        "model_params.dense_motion_params.max_features=16",
+        "model_params.dense_motion_params.num_blocks=2",
+        "model_params.dense_motion_params.gn_iter=2",
+        "model_params.avd_network_params.id_bottle_size=8",
+        "model_params.avd_network_params.pose_bottle_size=8",
+        "train_params.num_epochs=2",
+        "train_params.num_repeats=1",
+        "train_params.batch_size=2",
+        "train_params.max_steps_per_epoch=1",
+        "train_params.dataloader_workers=0",
+        "train_params.scales=[1]",
+        "train_params.loss_weights.perceptual=[0, 0, 0, 0, 0]",
+        "model_params.dense_motion_params.motion=tps",
+        "train_params.log_freq=1",
+        "train_params.image_freq=1",
+        "train_params.checkpoint_freq=2",
+        "train_params.bg_start=1",
+        "train_params.dropout_epoch=1",
+        "train_avd_params.num_epochs=1",
+        "train_avd_params.num_repeats=1",
+        "train_avd_params.batch_size=2",
+        "train_avd_params.dataloader_workers=0",
+        "visualizer_params.kp_size=1",
+    ]
+
+
+def cli(overrides, *extra):
+    args = ["--config", CONFIG, "--device", "cpu"]
+    for override in overrides:
+        args += ["--set", override]
+    return list(args) + list(extra)
+
+
+def only_run_dir(log_dir):
+    runs = sorted(glob.glob(os.path.join(str(log_dir), "*")))
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: these tiny networks gain nothing from more, and the CPU is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny training run (2 epochs of 1 step, evaluation after training): (overrides, run dir)."""
+    base = tmp_path_factory.mktemp("trained")
+    overrides = tiny_overrides(str(base / "data"))
+    assert run.main(cli(overrides, "--log_dir", str(base / "runs"), "--tag", "tiny")) == 0
+    return overrides, only_run_dir(base / "runs")
+
+
+def test_train_writes_run_dir_checkpoints_logs_and_metrics(trained):
+    overrides, run_dir = trained
+    assert os.path.basename(run_dir).startswith("synthetic-64-tiny-") and " " not in run_dir
+    names = set(os.listdir(run_dir))
+    assert {"config.yaml", "checkpoint.pth.tar", "checkpoint-00002.pth.tar", "metrics.json",
+            "tensorboard", "reconstruction"} <= names
+    checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pth.tar"), weights_only=True)
+    assert checkpoint["epoch"] == 2 and checkpoint["step"] == 2
+    assert checkpoint["config"]["model_params"]["common_params"]["num_cpab"] == 2
+    assert {"kp_detector", "dense_motion_network", "inpainting_network", "bg_predictor", "optimizer",
+            "optimizer_bg", "scheduler", "scheduler_bg"} <= set(checkpoint)
+    # bg_start = 1: the BG optimizer took exactly one step (epoch 1), the main one two.
+    assert max(s["step"] for s in checkpoint["optimizer"]["state"].values()) == 2
+    assert max(s["step"] for s in checkpoint["optimizer_bg"]["state"].values()) == 1
+    metrics = json.load(open(os.path.join(run_dir, "metrics.json")))
+    assert set(metrics["per_video"]) and len(metrics["per_video"]) == 2
+    assert 0 < metrics["l1"] < 1 and 0 < metrics["baseline_l1"] < 1
+    assert glob.glob(os.path.join(run_dir, "tensorboard", "events.out.tfevents.*"))
+
+
+def _copy(path, folder):
+    os.makedirs(folder, exist_ok=True)
+    target = os.path.join(str(folder), os.path.basename(path))
+    with open(path, "rb") as source, open(target, "wb") as destination:
+        destination.write(source.read())
+    return target
+
+
+def test_resume_equals_straight_training_and_stays_in_the_run_dir(trained, tmp_path):
+    """2 steps (the fixture) + save + resume 1 step == 3 steps straight, same seed (float tolerance)."""
+    overrides, run_dir = trained
+    target = _copy(os.path.join(run_dir, "checkpoint.pth.tar"), tmp_path / "split")
+    more = overrides + ["train_params.num_epochs=3", "train_params.evaluate_after_training=false"]
+    assert run.main(cli(more, "--log_dir", str(tmp_path / "unused"), "--checkpoint", target)) == 0
+    assert not os.path.exists(tmp_path / "unused")
+    assert os.path.exists(tmp_path / "split" / "config.yaml")
+    assert run.main(cli(more, "--log_dir", str(tmp_path / "straight"))) == 0
+    resumed = load_checkpoint(target)
+    straight = load_checkpoint(os.path.join(only_run_dir(tmp_path / "straight"), "checkpoint.pth.tar"))
+    assert resumed["epoch"] == straight["epoch"] == 3 and resumed["step"] == straight["step"] == 3
+    assert resumed["scheduler"] == straight["scheduler"]
+    for name in ("kp_detector", "dense_motion_network", "inpainting_network", "bg_predictor"):
+        for key, value in straight[name].items():
+            assert torch.allclose(value.float(), resumed[name][key].float(), atol=1e-6, rtol=1e-5), (name, key)
+    for key in ("optimizer", "optimizer_bg"):
+        for index, state in straight[key]["state"].items():
+            assert state["step"] == resumed[key]["state"][index]["step"]
+            assert torch.allclose(state["exp_avg_sq"], resumed[key]["state"][index]["exp_avg_sq"],
+                                  atol=1e-9, rtol=1e-5)
+
+
+def test_train_avd_trains_only_the_avd_network(trained, tmp_path):
+    overrides, run_dir = trained
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pth.tar")
+    assert run.main(cli(overrides, "--mode", "train_avd", "--checkpoint", checkpoint_path,
+                        "--log_dir", str(tmp_path))) == 0
+    avd_dir = only_run_dir(tmp_path)
+    assert "-train_avd-" in os.path.basename(avd_dir)
+    main = load_checkpoint(checkpoint_path)
+    avd = load_checkpoint(os.path.join(avd_dir, "checkpoint.pth.tar"))
+    assert avd["avd_epoch"] == 1 and avd["avd_step"] == 2 and "optimizer_avd" in avd
+    for name in ("kp_detector", "dense_motion_network", "inpainting_network", "bg_predictor"):
+        for key, value in main[name].items():
+            assert torch.equal(value, avd[name][key]), (name, key)
+    steps = [state["step"] for state in avd["optimizer_avd"]["state"].values()]
+    assert steps and max(steps) == 2
+
+
+def test_reconstruction_mode_writes_lossless_strips_mp4_and_metrics(trained, tmp_path):
+    import imageio.v2
+
+    overrides, run_dir = trained
+    assert run.main(cli(overrides, "--mode", "reconstruction", "--checkpoint",
+                        os.path.join(run_dir, "checkpoint.pth.tar"), "--log_dir", str(tmp_path))) == 0
+    out_dir = only_run_dir(tmp_path)
+    metrics = json.load(open(os.path.join(out_dir, "metrics.json")))
+    reference = json.load(open(os.path.join(run_dir, "metrics.json")))
+    # Same weights, same test split: same numbers as the evaluation after training.
+    assert metrics["l1"] == pytest.approx(reference["l1"], abs=1e-6)
+    assert metrics["baseline_l1"] == pytest.approx(reference["baseline_l1"], abs=1e-6)
+    strips = sorted(glob.glob(os.path.join(out_dir, "reconstruction", "png", "*.png")))
+    assert len(strips) == 2 and imageio.v2.imread(strips[0]).shape == (32, 32 * 6, 3)
+    assert len(glob.glob(os.path.join(out_dir, "reconstruction", "mp4", "*.mp4"))) == 2
+    frames = sum(video["frames"] for video in metrics["per_video"].values())
+    weighted = sum(video["l1"] * video["frames"] for video in metrics["per_video"].values()) / frames
+    assert metrics["l1"] == pytest.approx(weighted, rel=1e-6)
+
+
+def _one_line_error(capsys, argv):
+    assert run.main(argv) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "\n" not in error
+    return error
+
+
+def test_bad_inputs_give_one_line_errors(trained, tmp_path, capsys):
+    overrides, run_dir = trained
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pth.tar")
+    log_dir = str(tmp_path / "runs")
+    error = _one_line_error(capsys, cli(overrides, "--checkpoint", str(tmp_path / "nope.pth.tar"),
+                                        "--log_dir", log_dir))
+    assert "checkpoint file not found" in error
+    error = _one_line_error(capsys, cli(overrides + ["model_params.common_params.num_cpab=3"], "--mode",
+                                        "reconstruction", "--checkpoint", checkpoint_path, "--log_dir", log_dir))
+    assert "another config" in error and "model_params.common_params.num_cpab" in error
+    error = _one_line_error(capsys, cli(overrides, "--mode", "reconstruction", "--log_dir", log_dir))
+    assert "needs --checkpoint" in error
+    empty = tmp_path / "empty"
+    (empty / "train").mkdir(parents=True)
+    (empty / "test").mkdir()
+    error = _one_line_error(capsys, cli(overrides + [f"dataset_params.root_dir={empty}",
+                                                     "dataset_params.synthetic=null"], "--log_dir", log_dir))
+    assert "empty" in error or "no training videos" in error or "no video" in error
+    error = _one_line_error(capsys, cli(overrides, "--tag", "has space", "--log_dir", log_dir))
+    assert "--tag" in error
+
+
+def test_non_finite_loss_stops_with_the_loss_name_and_keeps_the_last_checkpoint(trained, tmp_path,
+                                                                                   monkeypatch):
+    import full_model
+    from configuration import load_config
+    from modules import build_networks
+
+    overrides, run_dir = trained
+    target = _copy(os.path.join(run_dir, "checkpoint.pth.tar"), tmp_path)
+    before = open(target, "rb").read()
+    config = load_config(CONFIG, overrides + ["train_params.num_epochs=3"])
+    original = full_model.GeneratorFullModel.forward
+
+    def poisoned(self, x, epoch, step=0):
+        losses, generated = original(self, x, epoch, step)
+        losses["warp_loss"] = losses["warp_loss"] * float("nan")
+        return losses, generated
+
+    monkeypatch.setattr(full_model.GeneratorFullModel, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"loss 'warp_loss' is nan at step 2 \(epoch 2\)"):
+        train(config, build_networks(config), str(tmp_path), torch.device("cpu"), dist=Distributed(),
+              checkpoint=load_checkpoint(target), checkpoint_path=target)
+    assert open(target, "rb").read() == before
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth.tar", "tensorboard"]
+
+
+def _ddp_worker(rank, world_size, port, argv):
+    """One rank: torchrun's environment variables, then the normal entry point."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    code = run.main(argv)
+    if code != 0:
+        raise SystemExit(code)
+
+
+def test_ddp_two_processes_gloo(trained, tmp_path):
+    """Two CPU processes (gloo) through run.main with torchrun's environment; forked, so no re-import."""
+    import socket
+
+    import torch.multiprocessing
+
+    overrides, _ = trained
+    more = overrides + ["train_params.num_epochs=1", "train_params.max_steps_per_epoch=2",
+                        "train_params.batch_size=4", "train_params.num_repeats=2",
+                        "train_params.evaluate_after_training=false"]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.start_processes(_ddp_worker, args=(2, port, cli(more, "--log_dir", str(tmp_path))),
+                                          nprocs=2, join=True, start_method="fork")
+    checkpoint = load_checkpoint(os.path.join(only_run_dir(tmp_path), "checkpoint.pth.tar"))
+    # Each of the 2 ranks took 2 steps of 2 samples (global batch 4), in lock step.
+    assert checkpoint["epoch"] == 1 and checkpoint["step"] == 2
