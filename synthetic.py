@@ -46,27 +46,36 @@ COLOUR_TEXTURES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_fiel
 GREY_TEXTURES = ("brick", "grass", "gravel", "camera", "moon", "coins", "clock", "cell", "page", "text")
 
 
+@functools.lru_cache(maxsize=1)
+def _bundled_images():
+    """The bundled scikit-image pictures as float32 (H, W, 3) in [0, 1] (grey replicated); cached."""
+    from skimage import data
+
+    images = []
+    for name in COLOUR_TEXTURES + GREY_TEXTURES:
+        image = np.asarray(getattr(data, name)())
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=2)
+        images.append((name, image[..., :3].astype(np.float32) / 255.0, name in GREY_TEXTURES))
+    return tuple(images)
+
+
 @functools.lru_cache(maxsize=4)
 def texture_pool(size):
     """Textures as float32 (H, W, 3) in [0, 1], downscaled so the short side is ``max(2 * size, 96)``.
 
     Returns a tuple of ``(name, image, is_grey)``; cached per process.
     """
-    from skimage import data
     from skimage.transform import resize
 
     target = max(2 * size, 96)
     pool = []
-    for name in COLOUR_TEXTURES + GREY_TEXTURES:
-        image = np.asarray(getattr(data, name)())
-        if image.ndim == 2:
-            image = np.repeat(image[..., None], 3, axis=2)
-        image = image[..., :3].astype(np.float32) / 255.0
+    for name, image, is_grey in _bundled_images():
         scale = target / min(image.shape[:2])
         if scale < 1:
             shape = (round(image.shape[0] * scale), round(image.shape[1] * scale), 3)
             image = resize(image, shape, order=1, anti_aliasing=True).astype(np.float32)
-        pool.append((name, np.ascontiguousarray(image), name in GREY_TEXTURES))
+        pool.append((name, np.ascontiguousarray(image), is_grey))
     return tuple(pool)
 
 
