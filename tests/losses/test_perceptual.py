@@ -6,6 +6,14 @@ from losses.perceptual import PerceptualLoss, build_vgg19_features
 from modules.blocks import AntiAliasInterpolation2d
 
 RELU_INDICES = (1, 6, 11, 20, 29)  # relu1_1, relu2_1, relu3_1, relu4_1, relu5_1 in vgg19().features
+# VGG-19's layer sequence (same indices) with 16x fewer channels: fast on a CPU.
+TINY_VGG19_CFG = [4, 4, "M", 8, 8, "M", 16, 16, 16, 16, "M", 32, 32, 32, 32, "M", 32, 32, 32, 32, "M"]
+
+
+def tiny_vgg19_features():
+    features = make_layers(TINY_VGG19_CFG)
+    assert [type(a) for a in features] == [type(b) for b in make_layers(cfgs["E"])]
+    return features.requires_grad_(False)
 
 
 def relu_features_by_hand(features, image):
@@ -19,7 +27,7 @@ def relu_features_by_hand(features, image):
 
 
 def test_per_layer_values_match_hand_computation():
-    features = build_vgg19_features(None)
+    features = tiny_vgg19_features()
     loss = PerceptualLoss(features, scales=[1, 0.5], num_channels=3)
     pred, target = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
     expected = torch.zeros(5)
@@ -36,7 +44,7 @@ def test_per_layer_values_match_hand_computation():
 
 
 def test_gradient_reaches_the_prediction_only():
-    loss = PerceptualLoss(build_vgg19_features(None), scales=[1, 0.5], num_channels=3)
+    loss = PerceptualLoss(tiny_vgg19_features(), scales=[1, 0.5], num_channels=3)
     pred = torch.rand(1, 3, 32, 32, requires_grad=True)
     target = torch.rand(1, 3, 32, 32, requires_grad=True)
     loss(pred, target).sum().backward()
@@ -54,4 +62,5 @@ def test_torchvision_vgg19_checkpoint_loads(tmp_path):
     torch.save(state, path)
     features = build_vgg19_features(str(path))
     torch.testing.assert_close(features[34].weight, reference[34].weight)
+    assert len(features) == 37 and features[28].out_channels == 512
     assert not any(p.requires_grad for p in features.parameters())
