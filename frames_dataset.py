@@ -46,6 +46,9 @@ def _first_line(error):
 
 def image_to_rgb(image):
     """A PIL image -> float32 array (H, W, 3) in [0, 1]; grey/palette/RGBA converted, alpha dropped."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        grey = np.asarray(image, dtype=np.float32) / 65535.0
+        return np.repeat(np.clip(grey, 0.0, 1.0)[..., None], 3, axis=2)
     if image.mode != "RGB":
         image = image.convert("RGB")
     return np.asarray(image, dtype=np.float32) / 255.0
@@ -115,8 +118,11 @@ def count_frames(path, frame_shape=None):
 
 
 def _read_ffmpeg(path, wanted):
-    """Decode an .mp4/.mov up to the last wanted index; returns {index: frame} (streamed, bounded memory)."""
-    last = max(wanted)
+    """Decode an .mp4/.mov up to the last wanted index; returns {index: frame} (streamed, bounded memory).
+
+    ``wanted=None`` keeps every frame (one decoding pass, no separate count).
+    """
+    last = max(wanted) if wanted is not None else float("inf")
     found = {}
     reader = None
     try:
@@ -124,7 +130,7 @@ def _read_ffmpeg(path, wanted):
         meta = next(reader)
         width, height = meta["size"]
         for index, buffer in enumerate(reader):
-            if index in wanted:
+            if wanted is None or index in wanted:
                 frame = np.frombuffer(buffer, dtype=np.uint8).reshape(height, width, 3)
                 found[index] = frame.astype(np.float32) / 255.0
             if index >= last:
@@ -134,7 +140,9 @@ def _read_ffmpeg(path, wanted):
     finally:
         if reader is not None:
             reader.close()
-    if len(found) < len(wanted):
+    if not found:
+        raise DatasetError(f"{path}: unreadable or corrupt video (no frame decoded)")
+    if wanted is not None and len(found) < len(wanted):
         raise DatasetError(f"{path}: unreadable or corrupt video (frame {last} requested, "
                            f"{len(found)} of the wanted frames decoded)")
     return found
@@ -163,13 +171,17 @@ def read_frames(path, indices=None, frame_shape=None):
     Raises DatasetError (one line naming the path) on an unreadable/corrupt file, a strip without
     ``frame_shape`` or a frame whose size differs from ``frame_shape`` (or from the first frame).
     """
+    lower = path.lower()
+    if indices is None and lower.endswith((".mp4", ".mov")):
+        found = _read_ffmpeg(path, None)
+        indices = sorted(found)
+        return _stack_checked(found, indices, frame_shape, path)
     if indices is None:
         indices = range(count_frames(path, frame_shape))
     indices = [int(index) for index in indices]
     if not indices:
         raise DatasetError(f"{path}: no frame requested")
     wanted = set(indices)
-    lower = path.lower()
     if os.path.isdir(path):
         files = _frame_files(path)
         if max(wanted) >= len(files):
@@ -194,8 +206,13 @@ def read_frames(path, indices=None, frame_shape=None):
     else:
         raise DatasetError(f"{path}: unsupported video entry; expected a folder of frames, "
                            f"{', '.join(VIDEO_EXTENSIONS)} or a {', '.join(STRIP_EXTENSIONS)} strip")
+    return _stack_checked(found, indices, frame_shape, path)
+
+
+def _stack_checked(found, indices, frame_shape, path):
+    """Stack ``found[i] for i in indices`` after checking every frame's size."""
     reference = found[indices[0]].shape
-    for index in sorted(wanted):
+    for index in sorted(set(indices)):
         _check_shape(found[index], frame_shape, path, index)
         if found[index].shape != reference:
             raise DatasetError(f"{path}: frame {index} is {found[index].shape[0]}x{found[index].shape[1]}, "

@@ -248,3 +248,12 @@ def test_dataset_from_config(root):
     assert len(train) == 2 and train[0]["source"].shape == (3, 8, 8)
     test = dataset_from_config(params, is_train=False)
     assert test[0]["video"].shape == (3, FRAMES, SIZE, SIZE)
+
+
+def test_sixteen_bit_grey_png(tmp_path):
+    folder = tmp_path / "deep"
+    folder.mkdir()
+    grey = (np.arange(SIZE * SIZE, dtype=np.uint16).reshape(SIZE, SIZE) * 200).astype(np.uint16)
+    Image.fromarray(grey).save(folder / "0.png")
+    video = read_frames(str(folder))
+    np.testing.assert_allclose(video[0, ..., 1], grey / 65535.0, atol=1e-6)
