@@ -77,6 +77,9 @@ def test_mp4_format_matches_the_frames(tiny, tmp_path):
     lossless = read_frames(os.path.join(tiny, "train", "00000"))
     assert lossy.shape == lossless.shape
     assert np.abs(lossy - lossless).mean() < 0.03
+    again = str(tmp_path / "mp4-again")
+    synthetic.generate_dataset(again, workers=1, **{**TINY, "format": "mp4", "num_train": 1, "num_test": 1})
+    assert _files(again) == _files(root)  # single-threaded, -bitexact libx264: identical bytes
 
 
 def test_existing_root_and_bad_parameters(tiny, tmp_path):
