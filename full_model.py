@@ -101,6 +101,7 @@ class GeneratorFullModel(nn.Module):
         self.bg_predictor = networks.get("bg_predictor")
         self.train_params = train_params
         self.loss_weights = train_params["loss_weights"]
+        self.amp = train_params["amp"]
         self.enabled = {name for name in LOSS_NAMES if loss_enabled(self.loss_weights, name)}
         if losses is None:
             losses = build_losses(train_params, num_channels=self.inpainting_network.num_channels)
@@ -118,8 +119,14 @@ class GeneratorFullModel(nn.Module):
 
     def forward(self, x, epoch, step=0):
         """x: {'source', 'driving'} (B, 3, H, W) in [0, 1]. Returns (loss_dict, generated): weighted
-        scalar losses and the dense-motion + inpainting outputs plus 'kp_source', 'kp_driving'
-        (and 'transformed_frame', 'transformed_kp' when the equivariance loss is on)."""
+        float32 scalar losses and the dense-motion + inpainting outputs plus 'kp_source', 'kp_driving'
+        (and 'transformed_frame', 'transformed_kp' when the equivariance loss is on).
+        ``train_params.amp``: the whole forward runs under bfloat16 autocast on the inputs' device."""
+        with torch.autocast(device_type=x["source"].device.type, dtype=torch.bfloat16, enabled=self.amp):
+            loss_dict, generated = self._forward(x, epoch, step)
+        return {name: value.float() for name, value in loss_dict.items()}, generated
+
+    def _forward(self, x, epoch, step):
         tp = self.train_params
         source, driving = x["source"], x["driving"]
         kp_source = self.kp_extractor(source)

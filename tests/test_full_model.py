@@ -170,3 +170,37 @@ def test_schedule_before_bg_start_and_sam_every_n_steps(config, networks, vgg_fe
         loss_dict, _ = model(batch(), epoch=3, step=2)
     assert sorted(loss_dict) == ["bg", "sam"] and seen["bg_param"].shape == (2, 3, 3)
     assert not seen["dropout_flag"] and seen["dropout_p"] == 0.0
+
+
+ALL_OFF = dict(perceptual=[0, 0, 0, 0, 0], equivariance_value=0, warp_loss=0, bg=0, sam=0, structure=0)
+
+
+@pytest.mark.parametrize("loss, reached, not_reached", [
+    ("equivariance_value", ["kp_detector"], ["dense_motion_network", "inpainting_network", "bg_predictor"]),
+    # TPSMM's warp loss: driving features and occlusions detached, the flow is not: no generator gradient.
+    ("warp_loss", ["kp_detector", "dense_motion_network", "bg_predictor"], ["inpainting_network"]),
+    ("bg", ["bg_predictor"], ["kp_detector", "dense_motion_network", "inpainting_network"]),
+    ("structure", NETWORKS, []),
+])
+def test_each_loss_reaches_the_networks_it_should(config, networks, vgg_features, loss, reached, not_reached):
+    tp = with_weights(config["train_params"], **dict(ALL_OFF, **{loss: 1}))
+    names = [loss] if loss == "structure" else []
+    model = GeneratorFullModel(networks, tp, losses=tiny_losses(tp, vgg_features, names=names))
+    loss_dict, _ = model(batch(), epoch=tp["bg_start"])
+    loss_dict[loss].backward()
+    for name in reached:  # graph connectivity (the BG loss is exactly 0, so its gradient too, at init)
+        assert any(p.grad is not None for p in networks[name].parameters()), name
+    for name in not_reached:
+        assert all(p.grad is None for p in networks[name].parameters()), name
+
+
+def test_amp_runs_in_bfloat16_and_returns_float32_losses(config, networks):
+    # Forward only: bfloat16 convolutions (and their backward) are slow on CPUs without bf16 units.
+    tp = with_weights(config["train_params"], **dict(ALL_OFF, warp_loss=10, bg=10))
+    tp["amp"] = True
+    model = GeneratorFullModel(networks, tp, losses={})
+    with torch.no_grad():
+        loss_dict, generated = model(batch(), epoch=tp["bg_start"])
+    assert generated["contribution_maps"].dtype == torch.bfloat16  # autocast was on
+    assert sorted(loss_dict) == ["bg", "warp_loss"]
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in loss_dict.values())
