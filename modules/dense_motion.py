@@ -53,6 +53,9 @@ class DenseMotionNetwork(nn.Module):
     background, K + 1 warps as in TPSMM: ``global_cpab`` and the fit settings are not used, and the
     keypoints are never detached (the TPS is a closed-form function of them, as in TPSMM).
 
+    ``detach_keypoints`` (official: True) fits on detached keypoints, so the warps send no gradient
+    into the keypoint detector; False gives the fitted theta an implicit-function gradient (see
+    ``_attach``), an option of this framework.
     ``bg`` is kept for the official signature: whether a background affine is used is decided by the
     caller passing ``bg_param`` (None -> identity warp).
     """
@@ -142,23 +145,55 @@ class DenseMotionNetwork(nn.Module):
             background = identity_grid(size, kp_driving.dtype, kp_driving.device).expand(bs, 1, h, w, 2)
         else:
             background = affine_grid(bg_param.to(kp_driving.dtype), size)[:, None]
-        groups_d = kp_driving.reshape(bs, self.num_cpab, _KP_PER_GROUP, 2)
-        groups_s = kp_source.reshape(bs, self.num_cpab, _KP_PER_GROUP, 2)
         if self.motion == "tps":
-            partial = TPS.from_keypoints(groups_d, groups_s).grid(size)
+            partial = TPS.from_keypoints(kp_driving.reshape(bs, self.num_cpab, _KP_PER_GROUP, 2),
+                                         kp_source.reshape(bs, self.num_cpab, _KP_PER_GROUP, 2)).grid(size)
             return torch.cat([background, partial], dim=1)
 
+        theta_partial, theta_global = self.fit_cpab(kp_driving, kp_source)
+        warps = [background, self.partial_cpab.grid(theta_partial, size=size).view(bs, self.num_cpab, h, w, 2)]
+        if theta_global is not None:
+            warps.append(self.global_cpab_transform.grid(theta_global, size=size)[:, None])
+        return torch.cat(warps, dim=1)
+
+    def fit_cpab(self, kp_driving, kp_source):
+        """Fit the CPAB warps (motion='cpab') to keypoints (B, 5K, 2): x = driving, y = source.
+
+        Returns (theta_partial (B*K, d_partial), one row per group of 5 consecutive keypoints, sample
+        major; theta_global (B, d_global) or None without the global warp). Both are detached.
+        """
         if self.detach_keypoints:
             # Faithful to the official code: the fitted warps send no gradient into the keypoints.
             kp_driving, kp_source = kp_driving.detach(), kp_source.detach()
-            groups_d, groups_s = groups_d.detach(), groups_s.detach()
-        theta = self._fit(self.partial_cpab, groups_d.reshape(-1, _KP_PER_GROUP, 2),
-                          groups_s.reshape(-1, _KP_PER_GROUP, 2), self.max_iter)
-        warps = [background, self.partial_cpab.grid(theta, size=size).view(bs, self.num_cpab, h, w, 2)]
+        groups_d = kp_driving.reshape(-1, _KP_PER_GROUP, 2)
+        groups_s = kp_source.reshape(-1, _KP_PER_GROUP, 2)
+        theta_partial = self._attach(self.partial_cpab, self._fit(self.partial_cpab, groups_d, groups_s, self.max_iter),
+                                     groups_d, groups_s)
+        theta_global = None
         if self.global_cpab:
-            theta = self._fit(self.global_cpab_transform, kp_driving, kp_source, self.global_iter)
-            warps.append(self.global_cpab_transform.grid(theta, size=size)[:, None])
-        return torch.cat(warps, dim=1)
+            theta_global = self._attach(self.global_cpab_transform,
+                                        self._fit(self.global_cpab_transform, kp_driving, kp_source, self.global_iter),
+                                        kp_driving, kp_source)
+        return theta_partial, theta_global
+
+    def _attach(self, transform, theta, x, y):
+        """With detach_keypoints=False: give the fitted (detached) theta the implicit-function gradient
+        of the damped least-squares fit, d theta = -(J^T J + gn_damping I)^-1 J^T d r with r = T(x) - y
+        and J = dr/dtheta at theta; the value stays theta. (Not in the official code, which detaches.)"""
+        if not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)):
+            return theta
+        bs, n, _ = x.shape
+        with torch.enable_grad():
+            theta_var = theta.detach().requires_grad_()
+            residual = transform.transform(x.detach(), theta_var).reshape(bs, 2 * n)
+            rows = [torch.autograd.grad(residual[:, i].sum(), theta_var, retain_graph=i < 2 * n - 1)[0]
+                    for i in range(2 * n)]
+        jac = torch.stack(rows, dim=1)
+        normal = jac.transpose(1, 2) @ jac + self.gn_damping * torch.eye(jac.shape[2], dtype=jac.dtype,
+                                                                         device=jac.device)
+        residual = (transform.transform(x, theta.detach()) - y).reshape(bs, 2 * n, 1)
+        step = torch.linalg.solve(normal, jac.transpose(1, 2) @ residual)[..., 0]
+        return theta - (step - step.detach())
 
     def create_deformed_source_image(self, source_image, transformations):
         """(B, num_warps, C, h, w): the (downscaled) source warped by every grid."""

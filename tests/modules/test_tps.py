@@ -35,7 +35,8 @@ def test_random_tps_matches_formula_and_shares_the_xy_weight():
     # Faithful to the official code: one scalar weight per control point moves x and y alike.
     assert torch.equal(tps.control_params[..., 0], tps.control_params[..., 1])
     grid = tps.transform_frame(torch.zeros(2, 1, 4, 4))
-    assert torch.allclose(grid.reshape(2, 16, 2), tps.warp_coordinates(make_coordinate_grid((4, 4)).reshape(1, 16, 2).expand(2, 16, 2)))
+    points = make_coordinate_grid((4, 4)).reshape(1, 16, 2).expand(2, 16, 2)
+    assert torch.allclose(grid.reshape(2, 16, 2), tps.warp_coordinates(points))
 
 
 def test_random_tps_is_reproducible_with_a_generator():
