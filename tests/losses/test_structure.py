@@ -145,3 +145,12 @@ def test_bfloat16_runs_close_to_float32():
     low = StructureLoss(tiny_vit(sd), layer=1, size=32, max_size=60, dtype=torch.bfloat16)(pred, drv)
     assert low.dtype == torch.float32
     torch.testing.assert_close(low, ref, rtol=0.1, atol=1e-3)
+
+
+def test_cosine_denominator_is_clamped_like_the_official_code():
+    from losses.structure import cosine_self_similarity
+    tokens = torch.tensor([[[0.0, 0.0], [3.0, 4.0], [1e-5, 0.0]]])
+    sim = cosine_self_similarity(tokens)
+    assert torch.isfinite(sim).all() and sim[0, 0, 0] == 0 and sim[0, 1, 1] == pytest.approx(1.0)
+    # |t_2|^2 = 1e-10 < 1e-8: clamped, so the self-similarity of a tiny token is 1e-10 / 1e-8 = 0.01.
+    assert sim[0, 2, 2].item() == pytest.approx(0.01, rel=1e-3)
