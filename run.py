@@ -14,6 +14,7 @@ import argparse
 import datetime
 import os
 import re
+import shutil
 import sys
 
 import torch
@@ -113,8 +114,11 @@ def build(config, device):
     return networks
 
 
-def execute(args, dist, device):
-    """Run one mode; returns the metrics dict of a reconstruction, else None."""
+def execute(args, dist, device, created):
+    """Run one mode; returns the metrics dict of a reconstruction, else None.
+
+    ``created`` (a list) receives the run directory when this call creates a new one.
+    """
     from configuration import load_config
 
     config = load_config(args.config, args.overrides)
@@ -140,6 +144,8 @@ def execute(args, dist, device):
     torch.manual_seed(seed)
     networks = build(config, device)
     run_dir = prepare_run_dir(args, config, dist, resume_dir)
+    if resume_dir is None:
+        created.append(run_dir)
     if dist.is_main:
         print(f"run directory: {run_dir}")
 
@@ -168,11 +174,18 @@ def execute(args, dist, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"error: --device {args.device}: CUDA is not available on this machine (use --device cpu)",
+              file=sys.stderr)
+        return 1
     dist, device = setup_distributed(args.device)
+    created = []
     try:
-        execute(args, dist, device)
+        execute(args, dist, device, created)
     except (ValueError, FileNotFoundError, NonFiniteLossError) as error:
         print(f"error: {error}", file=sys.stderr)
+        if dist.is_main and created and set(os.listdir(created[0])) <= {"config.yaml"}:
+            shutil.rmtree(created[0])
         return 1
     finally:
         if dist.initialized:

@@ -201,8 +201,13 @@ def test_bad_inputs_give_one_line_errors(trained, tmp_path, capsys):
     error = _one_line_error(capsys, cli(overrides + [f"dataset_params.root_dir={empty}",
                                                      "dataset_params.synthetic=null"], "--log_dir", log_dir))
     assert "empty" in error or "no training videos" in error or "no video" in error
+    if not torch.cuda.is_available():
+        error = _one_line_error(capsys, cli(overrides, "--log_dir", log_dir) + ["--device", "cuda"])
+        assert "CUDA is not available" in error
     error = _one_line_error(capsys, cli(overrides, "--tag", "has space", "--log_dir", log_dir))
     assert "--tag" in error
+    # Nothing but failed starts: no run directory is left behind.
+    assert not os.path.exists(log_dir) or os.listdir(log_dir) == []
 
 
 def test_non_finite_loss_stops_with_the_loss_name_and_keeps_the_last_checkpoint(trained, tmp_path,
