@@ -93,8 +93,10 @@ class KeypointSemanticLoss(nn.Module):
 
     @torch.no_grad()
     def embed(self, images):
-        """Frozen SAM embeddings (B, C, S/16, S/16), float32, no gradient."""
-        return self.encoder(self.preprocess(images)).float()
+        """Frozen SAM embeddings (B, C, S/16, S/16), float32, no gradient. The encoder runs in
+        ``dtype`` even inside an autocast region (autocast is switched off here)."""
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            return self.encoder(self.preprocess(images)).float()
 
     def embedding_grid(self, keypoints, height, width):
         """Keypoints (B, N, 2) of an H x W image -> grid_sample coordinates (align_corners=False) on

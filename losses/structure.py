@@ -98,8 +98,10 @@ class StructureLoss(nn.Module):
         return qkv[..., dim:2 * dim]
 
     def self_similarity(self, images):
-        """[0, 1] images (B, 3, H, W) -> (B, T, T) float32 cosine self-similarity of the keys."""
-        return cosine_self_similarity(self.keys(self.preprocess(images)).float())
+        """[0, 1] images (B, 3, H, W) -> (B, T, T) float32 cosine self-similarity of the keys.
+        The ViT runs in ``dtype`` even inside an autocast region (autocast is switched off here)."""
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            return cosine_self_similarity(self.keys(self.preprocess(images)).float())
 
     def forward(self, prediction, driving):
         with torch.no_grad():

@@ -138,3 +138,11 @@ def test_vit_b_encoder_shape():
     with torch.device("meta"):
         encoder = build_sam_image_encoder("vit_b")
     assert encoder.img_size == 1024 and encoder.neck[0].out_channels == 256 and len(encoder.blocks) == 12
+
+
+def test_encoder_keeps_its_dtype_under_autocast():
+    loss = KeypointSemanticLoss(tiny_encoder(), input_size=32)
+    images = torch.rand(2, 3, 16, 16)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        inside = loss.embed(images)
+    torch.testing.assert_close(inside, loss.embed(images))

@@ -154,3 +154,11 @@ def test_cosine_denominator_is_clamped_like_the_official_code():
     assert torch.isfinite(sim).all() and sim[0, 0, 0] == 0 and sim[0, 1, 1] == pytest.approx(1.0)
     # |t_2|^2 = 1e-10 < 1e-8: clamped, so the self-similarity of a tiny token is 1e-10 / 1e-8 = 0.01.
     assert sim[0, 2, 2].item() == pytest.approx(0.01, rel=1e-3)
+
+
+def test_vit_keeps_its_dtype_under_autocast():
+    loss = StructureLoss(tiny_vit(random_dino_state_dict(2, 32, 8, 32)), layer=1, size=32, max_size=60)
+    images = torch.rand(2, 3, 32, 32)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        inside = loss.self_similarity(images)
+    torch.testing.assert_close(inside, loss.self_similarity(images))
