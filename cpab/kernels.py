@@ -455,7 +455,39 @@ def integrate_table(points, table, affines, nx, ny, steps, refine, max_crossings
     return reference_integrate_table(points, table, affines, nx, ny, steps, refine, max_crossings)
 
 
+def flow_table_sync_free(affines, steps, refine, squarings=8, degree=12):
+    """`cpab.integrate.flow_table` with a fixed amount of work, so it never synchronises with the host.
+
+    E[:, c, l] = expm(2**l / T * [[A_c], [0 0 0]])[:2] as in the reference (T = steps * 2**refine),
+    computed in float64: a degree-`degree` Taylor polynomial (Horner) of the matrix scaled by
+    2**-squarings, squared `squarings` times, then squared once more per level (expm(2X) = expm(X)^2).
+    `torch.linalg.matrix_exp` picks its scaling per matrix on the host (a device sync on CUDA, which
+    also forbids CUDA-graph capture); for the small in-cell flows of CPAB the fixed scheme agrees with it
+    to float64 rounding (tested). Returns (B, nC, refine + 1, 2, 3) in affines.dtype, differentiable.
+    """
+    B, n_cells = affines.shape[:2]
+    hom = torch.cat([affines.to(torch.float64),
+                     affines.new_zeros(B, n_cells, 1, 3, dtype=torch.float64)], dim=2)
+    scaled = hom / float(steps * 2 ** refine * 2 ** squarings)
+    eye = torch.eye(3, dtype=torch.float64, device=affines.device)
+    flow = eye + scaled / degree
+    for k in range(degree - 1, 0, -1):
+        flow = eye + (scaled @ flow) / k
+    for _ in range(squarings):
+        flow = flow @ flow
+    levels = [flow]
+    for _ in range(refine):
+        levels.append(levels[-1] @ levels[-1])
+    return torch.stack(levels, dim=2)[..., :2, :].to(affines.dtype)
+
+
 def integrate(points, affines, nx, ny, steps, refine, max_crossings, backend="auto"):
-    """`cpab.integrate.integrate` (flow at time 1 of points (B, N, 2) under affines (B, nC, 2, 3)) by backend."""
-    return integrate_table(points, flow_table(affines, steps, refine), affines, nx, ny, steps, refine,
-                           max_crossings, backend=backend)
+    """`cpab.integrate.integrate` (flow at time 1 of points (B, N, 2) under affines (B, nC, 2, 3)) by backend.
+
+    The "triton" backend also builds the flow table without host syncs (`flow_table_sync_free`).
+    """
+    if resolve_backend(backend, points.device) == "triton":
+        table = flow_table_sync_free(affines, steps, refine)
+        return triton_integrate_table(points, table, affines, nx, ny, steps, refine, max_crossings)
+    return reference_integrate_table(points, flow_table(affines, steps, refine), affines, nx, ny, steps, refine,
+                                     max_crossings)
