@@ -309,8 +309,7 @@ def train(config, networks, run_dir, device, dist=Distributed(), seed=0, checkpo
                 memory_format = torch.channels_last if params["channels_last"] else torch.contiguous_format
                 x = {key: batch[key].to(device, non_blocking=True).contiguous(memory_format=memory_format)
                      for key in ("source", "driving")}
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=params["amp"]):
-                    losses, generated = model(x, epoch, step)
+                losses, generated = model(x, epoch, step)
                 total, means = check_finite(losses, step, epoch, dist)
                 total.backward()
                 clip_gradients(networks["kp_detector"], params["clip_grad_norm"], "kp_detector", step, epoch)
