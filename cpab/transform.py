@@ -12,7 +12,8 @@ from torch import nn
 
 from .basis import null_space_basis
 from .fit import fit_adam, fit_gauss_newton
-from .integrate import integrate, velocity
+from .integrate import velocity
+from .kernels import BACKENDS, integrate
 
 
 def _check_float(name, tensor):
@@ -37,11 +38,16 @@ class CPAB(nn.Module):
         volume_preservation: every cell's field has zero divergence (Jacobian determinant 1).
         steps, refine, max_crossings: integrator settings (see `cpab.integrate`): `steps` exact in-cell
             steps per unit time, cell crossings located to 1 / (steps * 2**refine) time.
+        backend: "auto" (default: the Triton kernel for CUDA tensors, the reference otherwise),
+            "reference" or "triton" (forced; see `cpab.kernels`).
     """
 
     def __init__(self, tess_size=(4, 4), zero_boundary=False, volume_preservation=False,
-                 steps=8, refine=3, max_crossings=64):
+                 steps=8, refine=3, max_crossings=64, backend="auto"):
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
         if not isinstance(tess_size, (tuple, list)) or len(tess_size) != 2:
             raise ValueError(f"tess_size must be a pair (nx, ny), got {tess_size!r}")
         for name, value in (("steps", steps), ("refine", refine), ("max_crossings", max_crossings)):
@@ -105,8 +111,14 @@ class CPAB(nn.Module):
         self._check_pair(points, theta)
         if points.shape[1] == 0:
             return points.clone()
-        return integrate(points, self.cell_affines(theta), self.nx, self.ny, steps=self.steps,
-                         refine=self.refine, max_crossings=self.max_crossings)
+        return self.transform_unchecked(points, theta)
+
+    def transform_unchecked(self, points, theta):
+        """`transform` without argument checks (which synchronise with the GPU): for inner loops (fits)."""
+        affines = (theta @ self.basis.to(device=theta.device, dtype=theta.dtype).T).view(
+            theta.shape[0], self.n_cells, 2, 3)
+        return integrate(points, affines, self.nx, self.ny, steps=self.steps, refine=self.refine,
+                         max_crossings=self.max_crossings, backend=self.backend)
 
     def grid(self, theta, size):
         """Sampling grid (B, H, W, 2) = transform of the identity grid (align_corners=True), for grid_sample."""

@@ -102,6 +102,19 @@ def test_theta_only_gradient_and_no_grad_forward():
     assert torch.equal(again, out.detach())
 
 
+@needs_interpreter
+def test_cpab_backend_switch_and_empty_input():
+    model, theta, points = _problem((4, 4), 1, 6, 1.0, torch.float32)
+    fast = CPAB((4, 4), steps=4, refine=2, backend="triton")
+    slow = CPAB((4, 4), steps=4, refine=2, backend="reference")
+    with torch.no_grad():
+        _assert_close(fast.transform(points, theta), slow.transform(points, theta), 1e-6)
+        assert fast.transform(points[:, :0], theta).shape == (1, 0, 2)
+    empty = kernels.integrate(points[:, :0].detach(), model.cell_affines(theta).detach(), 4, 4, 4, 2, 64,
+                              backend="triton")
+    assert empty.shape == (1, 0, 2)
+
+
 def test_backend_resolution_and_argument_errors():
     assert kernels.resolve_backend("auto", torch.device("cpu")) == "reference"
     assert kernels.resolve_backend("reference", torch.device("cpu")) == "reference"
@@ -110,6 +123,8 @@ def test_backend_resolution_and_argument_errors():
     assert kernels.resolve_backend("auto", torch.device("cuda")) == expected
     with pytest.raises(ValueError, match="backend"):
         kernels.resolve_backend("cuda", torch.device("cpu"))
+    with pytest.raises(ValueError, match="backend"):
+        CPAB((2, 2), backend="fast")
     points = torch.zeros(1, 3, 2)
     affines = torch.zeros(1, 16, 2, 3, dtype=torch.float64)
     with pytest.raises(TypeError, match="dtype"):
