@@ -189,3 +189,22 @@ def test_amp_runs_in_bfloat16_and_returns_float32_losses(config, networks):
     assert generated["contribution_maps"].dtype == torch.bfloat16  # autocast was on
     assert sorted(loss_dict) == ["bg", "warp_loss"]
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in loss_dict.values())
+
+
+@pytest.mark.parametrize("fit_method", ["gauss_newton", "adam"])
+def test_forward_backward_with_cpab_motion(fit_method, vgg_features):
+    config = load_config("config/synthetic-64.yaml", overrides=[
+        f"model_params.dense_motion_params.fit_method={fit_method}", "model_params.dense_motion_params.max_iter=3",
+        "model_params.dense_motion_params.gn_iter=2", "model_params.common_params.num_cpab=2",
+        "train_params.scales=[1, 0.5]",
+        "model_params.generator_params.block_expansion=8", "model_params.generator_params.max_features=64",
+        "model_params.dense_motion_params.block_expansion=8", "model_params.dense_motion_params.max_features=64"])
+    networks = build_networks(config)
+    tp = config["train_params"]
+    model = GeneratorFullModel(networks, tp, losses=tiny_losses(tp, vgg_features, names=("perceptual",)))
+    loss_dict, generated = model(batch(), epoch=tp["bg_start"])
+    assert sorted(loss_dict) == ["bg", "equivariance_value", "perceptual", "warp_loss"]
+    assert generated["contribution_maps"].shape[1] == 2 + 2  # K partial warps + global + background
+    sum(loss_dict.values()).backward()
+    for name in NETWORKS:
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in networks[name].parameters()), name
