@@ -43,7 +43,6 @@ def tiny_overrides(data_dir):
         "train_params.dataloader_workers=0",
         "train_params.scales=[1]",
         "train_params.loss_weights.perceptual=[0, 0, 0, 0, 0]",
-        "model_params.dense_motion_params.motion=tps",
         "train_params.log_freq=1",
         "train_params.image_freq=1",
         "train_params.checkpoint_freq=2",
