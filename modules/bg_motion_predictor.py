@@ -24,5 +24,6 @@ class BGMotionPredictor(nn.Module):
     def forward(self, source_image, driving_image):
         bs = source_image.shape[0]
         affine = self.bg_encoder(torch.cat([source_image, driving_image], dim=1)).view(bs, 2, 3)
-        last_row = affine.new_tensor([0.0, 0.0, 1.0]).expand(bs, 1, 3)
+        last_row = affine.new_zeros(bs, 1, 3)
+        last_row[..., 2] = 1.0
         return torch.cat([affine, last_row], dim=1)

@@ -38,8 +38,11 @@ def test_flow_is_identity_for_coinciding_keypoints(make_dense_motion, make_keypo
     assert theta_partial.shape == (2 * K, net.partial_cpab.dim)
     assert theta_global.shape == (2, net.global_cpab_transform.dim)
     # Adam moves theta by about lr per step even from a zero residual (its steps are normalised).
-    bound = 2 * net.fit_lr if method == "adam" else 1e-4
-    assert theta_partial.abs().max() < bound and theta_global.abs().max() < bound
+    if method == "adam":
+        assert theta_partial.abs().max() < (net.max_iter + 0.5) * net.fit_lr
+        assert theta_global.abs().max() < (net.global_iter + 0.5) * net.fit_lr
+    else:
+        assert theta_partial.abs().max() < 1e-4 and theta_global.abs().max() < 1e-4
     out = net(images[0], _kp(kp), _kp(kp))
     identity = make_coordinate_grid((16, 16))
     tolerance = 0.05 if method == "adam" else 1e-3
@@ -74,10 +77,12 @@ def test_keypoint_gradient_through_the_fit_when_not_detached(make_dense_motion, 
     assert theta.requires_grad
     assert torch.equal(theta.detach(), make_dense_motion(fit_method="gauss_newton", gn_iter=3, global_cpab=False)
                        .fit_cpab(kp_d, kp_s.detach())[0])
-    # The fit (nearly) interpolates 5 points with 58 parameters, so d T(x_i) / d y_i ~ identity.
+    # The fit (nearly) interpolates 5 points with 58 parameters, so d T(x_i) / d y_i is close to the
+    # identity (damping and an unconverged fit make it smaller).
     mapped = net.partial_cpab.transform(kp_d.reshape(K, 5, 2), theta)
     grad, = torch.autograd.grad(mapped[0, 0, 0], kp_s)
-    assert abs(grad[0, 0, 0].item() - 1.0) < 0.1
+    assert 0.5 < grad[0, 0, 0].item() < 1.2
+    assert grad[0, 0, 1].abs() < 0.5 * grad[0, 0, 0]
     assert grad[0, 5:].abs().max() == 0  # another group's source keypoints do not move this warp
 
 
