@@ -1,0 +1,306 @@
+"""demo.py: keypoint arithmetic by hand, and end to end on CPU with a tiny random checkpoint and a
+generated driving video that has an audio track."""
+import os
+import re
+import subprocess
+import sys
+import types
+
+import imageio
+import imageio_ffmpeg
+import numpy as np
+import pytest
+import torch
+
+import demo
+from configuration import load_config
+from logger import save_checkpoint
+from modules import build_networks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
+N_FRAMES, FPS, SIZE = 6, 12, 32
+# Background grey level of driving frame i (the fake face aligner below keys on brightness).
+LEVELS = [20, 60, 100, 140, 180, 220]
+
+TINY_OVERRIDES = [
+    "model_params.common_params.num_cpab=2",
+    "model_params.common_params.bg=false",
+    "model_params.generator_params.block_expansion=8",
+    "model_params.generator_params.max_features=32",
+    "model_params.dense_motion_params.block_expansion=8",
+    "model_params.dense_motion_params.max_features=32",
+    "model_params.dense_motion_params.num_blocks=3",
+    "model_params.dense_motion_params.fit_method=adam",
+    "model_params.dense_motion_params.max_iter=2",
+    "model_params.dense_motion_params.partial_tess_size=[2, 2]",
+    "model_params.dense_motion_params.global_tess_size=[3, 3]",
+    "model_params.avd_network_params.id_bottle_size=16",
+    "model_params.avd_network_params.pose_bottle_size=16",
+]
+
+
+# ---------------------------------------------------------------- fixtures: files written once per module
+
+def write_tiny_assets(folder):
+    """Tiny config, checkpoints with and without AVD network, RGBA source, driving videos (with/without audio)."""
+    import yaml
+
+    config = load_config(os.path.join(ROOT, "config", "vox-256.yaml"), overrides=TINY_OVERRIDES)
+    paths = types.SimpleNamespace(folder=str(folder))
+    paths.config = str(folder / "tiny.yaml")
+    with open(paths.config, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(config, handle)
+    torch.manual_seed(0)
+    networks = build_networks(config)
+    state = {name: networks[name].state_dict()
+             for name in ("kp_detector", "dense_motion_network", "inpainting_network")}
+    state.update(epoch=0, step=0, config=config)
+    paths.checkpoint = str(folder / "tiny.pth.tar")
+    save_checkpoint(paths.checkpoint, state)
+    paths.checkpoint_avd = str(folder / "tiny-avd.pth.tar")
+    save_checkpoint(paths.checkpoint_avd, dict(state, avd_network=networks["avd_network"].state_dict()))
+
+    paths.source = str(folder / "source.png")
+    source = np.zeros((50, 70, 4), np.uint8)
+    source[..., :3] = LEVELS[3]
+    source[10:30, 20:40, :3] = 255
+    source[..., 3] = 255
+    imageio.v3.imwrite(paths.source, source)
+
+    paths.silent = str(folder / "silent.mp4")
+    writer = imageio.v2.get_writer(paths.silent, format="FFMPEG", fps=FPS, codec="libx264", quality=8,
+                                   macro_block_size=2, ffmpeg_log_level="error")
+    for index, level in enumerate(LEVELS):
+        frame = np.full((80, 96, 3), level, np.uint8)
+        frame[10:40, 10 + 8 * index:40 + 8 * index] = 255
+        writer.append_data(frame)
+    writer.close()
+    paths.driving = str(folder / "driving.mp4")
+    subprocess.run([FFMPEG, "-y", "-v", "error", "-i", paths.silent, "-f", "lavfi", "-i",
+                    f"sine=frequency=440:duration={N_FRAMES / FPS}", "-map", "0:v", "-map", "1:a",
+                    "-c:v", "copy", "-c:a", "aac", paths.driving], check=True, capture_output=True)
+    paths.audio_only = str(folder / "audio-only.mp4")
+    subprocess.run([FFMPEG, "-y", "-v", "error", "-f", "lavfi", "-i", "sine=duration=0.5", paths.audio_only],
+                   check=True, capture_output=True)
+    return paths
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny shapes gain nothing from intra-op threads; on a busy 2-core machine one thread is ~10x faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return write_tiny_assets(tmp_path_factory.mktemp("demo"))
+
+
+def probe(path):
+    """(frame count, fps, width, height, has an audio stream) of a video, from imageio and `ffmpeg -i`."""
+    reader = imageio.v2.get_reader(path, format="FFMPEG")
+    meta = reader.get_meta_data()
+    count = reader.count_frames()
+    reader.close()
+    info = subprocess.run([FFMPEG, "-hide_banner", "-i", path], capture_output=True, text=True).stderr
+    audio = re.search(r"Stream #\d+:\d+.*: Audio: ", info) is not None
+    return count, meta["fps"], meta["size"][0], meta["size"][1], audio
+
+
+def run_demo(assets, tmp_path, *extra, checkpoint=None, driving=None):
+    result = str(tmp_path / "result.mp4")
+    argv = ["--config", assets.config, "--checkpoint", checkpoint or assets.checkpoint,
+            "--source_image", assets.source, "--driving_video", driving or assets.driving,
+            "--result_video", result, "--img_shape", f"{SIZE},{SIZE}", "--cpu", *extra]
+    return demo.main(argv), result
+
+
+# ---------------------------------------------------------------- keypoint arithmetic
+
+def test_convex_hull_area_by_hand():
+    square_with_inside_and_duplicates = [[0, 0], [1, 0], [1, 1], [0, 1], [0.5, 0.5], [1, 1], [0.2, 0.9]]
+    assert demo.convex_hull_area(square_with_inside_and_duplicates) == pytest.approx(1.0)
+    assert demo.convex_hull_area([[0, 0], [4, 0], [0, 3]]) == pytest.approx(6.0)
+    assert demo.convex_hull_area([[0, 0], [1, 1], [2, 2], [3, 3]]) == 0.0
+    spatial = pytest.importorskip("scipy.spatial")
+    points = np.random.default_rng(0).uniform(-1, 1, size=(50, 2))
+    assert demo.convex_hull_area(points) == pytest.approx(spatial.ConvexHull(points).volume, rel=1e-12)
+
+
+def test_relative_keypoints_match_hand_computation():
+    square = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0], [0.0, 0.0]])  # hull area 4
+    kp_source = (0.5 * square)[None]                       # area 1
+    kp_initial = (0.25 * square + 0.1)[None]               # area 0.25 -> scale sqrt(1) / sqrt(0.25) = 2
+    shift = torch.tensor([0.1, -0.05])
+    kp_driving = torch.stack([kp_initial[0] + shift, kp_initial[0]])
+    scale = demo.movement_scale(kp_source, kp_initial)
+    assert scale == pytest.approx(2.0)
+    relative = demo.relative_keypoints(kp_source, kp_driving, kp_initial, scale)
+    torch.testing.assert_close(relative[0], kp_source[0] + torch.tensor([0.2, -0.1]))
+    torch.testing.assert_close(relative[1], kp_source[0])
+
+
+def test_movement_scale_uses_batch_element_zero_only():
+    # Faithful to the official code: the hull areas come from element 0 of each batch.
+    square = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]])
+    kp_source = torch.stack([square, 3 * square])
+    assert demo.movement_scale(kp_source, (0.5 * square)[None]) == pytest.approx(2.0)
+    with pytest.raises(demo.DemoError, match="collinear"):
+        demo.movement_scale(kp_source, torch.zeros(1, 4, 2))
+
+
+class _StubKP(torch.nn.Module):
+    """Keypoints = BASE * (0.5 + mean intensity of the image): BASE has hull area 1."""
+    BASE = torch.tensor([[-0.5, -0.5], [0.5, -0.5], [0.5, 0.5], [-0.5, 0.5], [0.0, 0.1]])
+
+    def forward(self, image):
+        return {"fg_kp": self.BASE[None] * (0.5 + image.mean(dim=(1, 2, 3)))[:, None, None]}
+
+
+class _StubDenseMotion(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, source_image, kp_driving, kp_source, bg_param=None, dropout_flag=False):
+        self.calls.append((kp_driving["fg_kp"].clone(), kp_source["fg_kp"].clone(), bg_param, dropout_flag))
+        return {"deformation": None}
+
+
+class _StubInpainting(torch.nn.Module):
+    def forward(self, source_image, dense_motion):
+        return {"prediction": source_image}
+
+
+@pytest.mark.parametrize("mode", ["relative", "standard"])
+def test_animator_passes_hand_computed_keypoints(mode):
+    dense = _StubDenseMotion()
+    networks = {"kp_detector": _StubKP(), "dense_motion_network": dense, "inpainting_network": _StubInpainting()}
+    source = torch.full((1, 3, 8, 8), 0.5)                # kp_source = BASE, area 1
+    means = [0.0, 0.2, 0.4, 0.6]                           # reference frame 0: BASE * 0.5, scale 2
+    frames = torch.stack([torch.full((3, 8, 8), m) for m in means])
+    with torch.inference_mode():
+        animator = demo.Animator(networks, source, mode)
+        predictions = [animator(frames[:2]), animator(frames[2:])]
+    assert torch.equal(torch.cat(predictions), source.expand(4, -1, -1, -1))
+    kp_driving = torch.cat([call[0] for call in dense.calls])
+    # By hand: relative = (BASE (0.5 + m) - 0.5 BASE) * 2 + BASE = BASE (1 + 2 m); standard = BASE (0.5 + m).
+    factors = [1 + 2 * m for m in means] if mode == "relative" else [0.5 + m for m in means]
+    expected = torch.stack([_StubKP.BASE * f for f in factors])
+    torch.testing.assert_close(kp_driving, expected)
+    for _, kp_source, bg_param, dropout_flag in dense.calls:
+        assert kp_source.shape == (2, 5, 2) and torch.equal(kp_source[1], _StubKP.BASE)
+        assert bg_param is None and dropout_flag is False  # like TPSMM: no background motion in the demo
+
+
+def test_to_rgb_float_accepts_grey_rgba_and_16_bit():
+    grey = np.full((4, 5), 255, np.uint8)
+    assert demo.to_rgb_float(grey).shape == (4, 5, 3) and demo.to_rgb_float(grey).max() == 1.0
+    rgba = np.zeros((4, 5, 4), np.uint8)
+    rgba[..., 1] = 51
+    np.testing.assert_allclose(demo.to_rgb_float(rgba)[0, 0], [0.0, 0.2, 0.0], atol=1e-6)
+    deep = np.full((2, 2, 3), 65535, np.uint16)
+    assert demo.to_rgb_float(deep).dtype == np.float32 and demo.to_rgb_float(deep).min() == 1.0
+    tensor = demo.frames_to_tensor([np.zeros((30, 40), np.uint8)], (16, 24), torch.device("cpu"))
+    assert tensor.shape == (1, 3, 16, 24)
+
+
+# ---------------------------------------------------------------- end to end
+
+def test_standard_mode_side_by_side_and_silent_driving_video(assets, tmp_path, capsys):
+    status, result = run_demo(assets, tmp_path, "--mode", "standard", "--side_by_side", driving=assets.silent)
+    assert status == 0, capsys.readouterr().err
+    assert probe(result) == (N_FRAMES, FPS, 3 * SIZE, SIZE, False)
+    first = imageio.v2.get_reader(result, format="FFMPEG").get_data(0).astype(float)
+    # Left tile is the source: the grey level LEVELS[3] with the white square.
+    assert abs(np.median(first[:, :SIZE]) - LEVELS[3]) < 6
+
+
+def test_avd_mode_runs_with_an_avd_network_and_fails_in_one_line_without(assets, tmp_path, capsys):
+    status, result = run_demo(assets, tmp_path, "--mode", "avd", checkpoint=assets.checkpoint_avd)
+    assert status == 0, capsys.readouterr().err
+    assert probe(result)[:2] == (N_FRAMES, FPS)
+    capsys.readouterr()
+    status, _ = run_demo(assets, tmp_path, "--mode", "avd")
+    error = capsys.readouterr().err.strip()
+    assert status == 1 and "--mode avd needs an AVD network" in error and "\n" not in error
+
+
+def _one_line_error(capsys):
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("demo.py: error: ") and "\n" not in error
+    return error
+
+
+def test_errors_are_one_line(assets, tmp_path, capsys):
+    assert run_demo(assets, tmp_path, driving=str(tmp_path / "missing.mp4"))[0] == 1
+    assert "--driving_video: file not found" in _one_line_error(capsys)
+
+    broken_image = tmp_path / "broken.png"
+    broken_image.write_bytes(b"not an image")
+    argv = ["--config", assets.config, "--checkpoint", assets.checkpoint, "--source_image", str(broken_image),
+            "--driving_video", assets.driving, "--result_video", str(tmp_path / "r.mp4"), "--cpu"]
+    assert demo.main(argv) == 1
+    assert "cannot read source image" in _one_line_error(capsys)
+
+    broken_checkpoint = tmp_path / "broken.pth.tar"
+    broken_checkpoint.write_bytes(b"garbage")
+    assert run_demo(assets, tmp_path, checkpoint=str(broken_checkpoint))[0] == 1
+    assert "cannot read checkpoint" in _one_line_error(capsys)
+
+    assert run_demo(assets, tmp_path, driving=assets.audio_only)[0] == 1
+    assert "has no frames" in _one_line_error(capsys)
+    assert not os.path.exists(tmp_path / "result.mp4")
+
+
+def test_checkpoint_that_does_not_match_the_config_names_the_network(assets, tmp_path, capsys):
+    status, _ = run_demo(assets, tmp_path, "--set", "model_params.common_params.num_cpab=3")
+    error = _one_line_error(capsys)
+    assert status == 1 and "does not match config" in error and "kp_detector" in error
+
+
+def test_find_best_frame_without_face_alignment_says_how_to_install(assets, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "face_alignment", None)   # makes `import face_alignment` fail
+    status, _ = run_demo(assets, tmp_path, "--find_best_frame")
+    error = _one_line_error(capsys)
+    assert status == 1 and "pip install face-alignment" in error and "downloads" in error
+
+
+def test_relative_mode_with_best_frame_keeps_frames_fps_and_audio(assets, tmp_path, capsys, monkeypatch):
+    class FakeAligner:
+        """68 points on an ellipse whose aspect ratio grows with the image's median brightness."""
+
+        def __init__(self, landmarks_type, flip_input, device):
+            assert landmarks_type == "2D" and device == "cpu"
+
+        def get_landmarks(self, image):
+            angle = np.linspace(0, 2 * np.pi, 68, endpoint=False)
+            aspect = 1 + np.median(image) / 64
+            return [np.stack([100 + 30 * np.cos(angle), 80 + 30 * aspect * np.sin(angle)], axis=1)]
+
+    fake = types.SimpleNamespace(FaceAlignment=FakeAligner, LandmarksType=types.SimpleNamespace(TWO_D="2D"))
+    monkeypatch.setitem(sys.modules, "face_alignment", fake)
+    status, result = run_demo(assets, tmp_path, "--find_best_frame", "--batch_size", "4")  # batches of 4 + 2
+    output = capsys.readouterr()
+    assert status == 0, output.err
+    assert "best frame: 3" in output.out   # the source has frame 3's grey level
+    assert probe(result) == (N_FRAMES, FPS, SIZE, SIZE, True)
+    assert re.search(r"model: [0-9.]+ frames/s", output.out)
+    frames = np.stack([frame for frame in imageio.v2.get_reader(result, format="FFMPEG")])
+    assert frames.std() > 1.0  # an image, not a blank frame
+
+
+def test_device_and_img_shape_arguments():
+    assert demo.resolve_device("cuda", cpu=True) == torch.device("cpu")      # --cpu wins, like TPSMM
+    assert demo.parse_img_shape("128,96") == (128, 96)
+    with pytest.raises(SystemExit):
+        demo.build_parser().parse_args(["--config", "c", "--checkpoint", "p", "--source_image", "s",
+                                        "--driving_video", "v", "--img_shape", "256"])
+    if not torch.cuda.is_available():
+        with pytest.raises(demo.DemoError, match="CUDA is not available"):
+            demo.resolve_device("cuda", cpu=False)
+        assert demo.resolve_device(None, cpu=False) == torch.device("cpu")
