@@ -1,7 +1,9 @@
 """`python -m cpab.benchmark`: CPAB fit and dense-warp timings, fast path (Triton) vs PyTorch reference.
 
 Prints in one run, at the CPABMM shapes for batch size 8 (`--batch`):
-- fit time per method (adam, gauss_newton) for the 10 partial warps per sample (5 keypoints each,
+- fit time per method (adam: `CPAB.fit(method="adam")`; adam_graph: the same fit replayed from a CUDA
+  graph, `cpab.kernels.adam_fit_cuda_graph`, whose reference column is the eager adam fit;
+  gauss_newton: `CPAB.fit(method="gauss_newton")`) for the 10 partial warps per sample (5 keypoints each,
   4 x 4 tessellation, 100 iterations: 80 transforms) and the global warp (50 keypoints, 6 x 6,
   150 iterations: 8 transforms), with the mean keypoint residual |T(x) - y| before and after;
 - dense-grid warp time of those 88 transforms at 64^2 and 256^2, forward and forward+backward (w.r.t.
@@ -30,21 +32,21 @@ from . import kernels  # noqa: E402
 from .transform import CPAB  # noqa: E402
 
 THETA_SCALE = 0.5
-METHODS = ("adam", "gauss_newton")
+METHODS = ("adam", "adam_graph", "gauss_newton")
 GN_ITERATIONS = 5
 
 
 def sizes(quick, on_cuda, batch):
     """The benchmark's sizes: full CPABMM shapes on CUDA, reduced on CPU, tiny with quick."""
     if quick:
-        return dict(label="quick (CI smoke test: tiny sizes)", batch=1, partial_iters=3, global_iters=4,
-                    gn_iters=2, grids=(8, 12), repeats=1)
+        return dict(label="quick (CI smoke test: tiny sizes, 10 global keypoints)", batch=1, global_kps=10,
+                    partial_iters=2, global_iters=2, gn_iters=2, grids=(8, 12), repeats=1)
     if on_cuda:
-        return dict(label=f"full (CPABMM shapes, batch {batch})", batch=batch, partial_iters=100,
+        return dict(label=f"full (CPABMM shapes, batch {batch})", batch=batch, global_kps=50, partial_iters=100,
                     global_iters=150, gn_iters=GN_ITERATIONS, grids=(64, 256), repeats=5)
     return dict(label=f"REDUCED for CPU (batch {batch}; 10/15 fit iterations instead of 100/150, "
                       "grids 16^2 and 32^2 instead of 64^2 and 256^2)",
-                batch=batch, partial_iters=10, global_iters=15, gn_iters=2, grids=(16, 32), repeats=1)
+                batch=batch, global_kps=50, partial_iters=10, global_iters=15, gn_iters=2, grids=(16, 32), repeats=1)
 
 
 def device_name(device):
@@ -68,9 +70,9 @@ def timed(fn, device, repeats):
     return statistics.median(times), result
 
 
-def groups(batch):
+def groups(batch, global_kps=50):
     """The CPABMM transforms of a batch: (name, tessellation, transforms, keypoints per transform)."""
-    return (("partial", (4, 4), 10 * batch, 5), ("global", (6, 6), batch, 50))
+    return (("partial", (4, 4), 10 * batch, 5), ("global", (6, 6), batch, global_kps))
 
 
 def keypoints(model, transforms, n_kps, device, seed):
@@ -82,6 +84,15 @@ def keypoints(model, transforms, n_kps, device, seed):
     with torch.no_grad():
         y = reference.transform(x, theta)
     return x.to(device), y.to(device)
+
+
+def fit(model, method, x, y, iterations, fast):
+    """theta of one fit by `method` (see the module docstring)."""
+    if method == "adam_graph":
+        if fast:
+            return kernels.adam_fit_cuda_graph(model, x, y, iterations=iterations, lr=1e-2, theta_init=1e-6)
+        method = "adam"
+    return model.fit(x, y, method=method, iterations=iterations)
 
 
 def residual(model, x, y, theta):
@@ -120,7 +131,7 @@ def run(quick=False, device=None, batch=8, interpret=False, out=print):
     emit(f"fast path: {fast_note}; reference: cpab.integrate (PyTorch) on the same device")
     backends = (("fast", "triton"), ("ref", "reference")) if fast_ok else (("ref", "reference"),)
     for method in METHODS:
-        for name, tess, transforms, n_kps in groups(size["batch"]):
+        for name, tess, transforms, n_kps in groups(size["batch"], size["global_kps"]):
             iters = size["gn_iters"] if method == "gauss_newton" else size[f"{name}_iters"]
             times, after = {}, {}
             x = y = before = None
@@ -130,7 +141,7 @@ def run(quick=False, device=None, batch=8, interpret=False, out=print):
                     x, y = keypoints(model, transforms, n_kps, device, seed=len(name))
                     before = residual(model, x, y, None)
                 try:
-                    times[label], theta = timed(lambda: model.fit(x, y, method=method, iterations=iters),
+                    times[label], theta = timed(lambda: fit(model, method, x, y, iters, label == "fast"),
                                                 device, size["repeats"])
                 except NotImplementedError:
                     times[label], after[label] = None, None

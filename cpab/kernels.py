@@ -35,6 +35,7 @@ from __future__ import annotations  # kernel annotations stay strings until Trit
 import importlib.util
 import os
 import sys
+import warnings
 
 import torch
 
@@ -509,3 +510,55 @@ def transform_jacobian(model, points, theta):
         out = model.transform_unchecked(single, thetas).reshape(B * N, 2, 2)
         (grad,) = torch.autograd.grad(out.diagonal(dim1=1, dim2=2).sum(), thetas)
     return out.detach()[:, 0].reshape(B, N, 2), grad.reshape(B, N, 2, theta.shape[1])
+
+
+def _adam_iteration(model, x, y, theta, optimizer):
+    """One iteration of the faithful Adam fit (the loss of `cpab.fit.fit_adam`), no host sync."""
+    residual = model.transform_unchecked(x, theta) - y
+    loss = torch.linalg.vector_norm(0.5 * residual)  # one norm over the whole batch, [0, 1] units
+    (grad,) = torch.autograd.grad(loss, theta)
+    theta.grad.copy_(grad)
+    optimizer.step()
+
+
+def adam_fit_cuda_graph(model, x, y, iterations, lr, theta_init):
+    """`cpab.fit.fit_adam` (same start, loss and torch.optim.Adam updates) replayed from one CUDA graph.
+
+    x, y (B, N, 2) keypoints, returns theta (B, d) detached. On CUDA one iteration (forward through
+    the Triton kernel, its adjoint, the Adam update with capturable=True so that its step counter
+    stays on the device) is captured after a warm-up iteration whose effects are then undone, and
+    replayed `iterations` times: no host sync and one graph launch per iteration. Elsewhere, or when
+    capture fails (RuntimeError, e.g. an op that synchronises), the same iterations run eagerly.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        x, y = x.detach().clone(), y.detach().clone()
+        start = torch.full((x.shape[0], model.dim), float(theta_init), dtype=x.dtype, device=x.device)
+        theta = start.clone().requires_grad_(True)
+        theta.grad = torch.zeros_like(theta)
+        optimizer = torch.optim.Adam([theta], lr=lr, capturable=x.is_cuda)
+        if x.is_cuda and iterations > 0:
+            try:
+                stream = torch.cuda.Stream(x.device)
+                stream.wait_stream(torch.cuda.current_stream(x.device))
+                with torch.cuda.stream(stream):
+                    _adam_iteration(model, x, y, theta, optimizer)  # warm-up: compiles, creates Adam state
+                torch.cuda.current_stream(x.device).wait_stream(stream)
+                with torch.no_grad():
+                    theta.copy_(start)
+                    for state in optimizer.state[theta].values():
+                        state.zero_()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    _adam_iteration(model, x, y, theta, optimizer)
+            except RuntimeError as error:
+                warnings.warn(f"CUDA-graph capture of the Adam fit failed ({error}); running eagerly")
+            else:
+                for _ in range(iterations):
+                    graph.replay()
+                return theta.detach().clone()
+            with torch.no_grad():
+                theta.copy_(start)
+            optimizer = torch.optim.Adam([theta], lr=lr, capturable=True)
+        for _ in range(iterations):
+            _adam_iteration(model, x, y, theta, optimizer)
+        return theta.detach()

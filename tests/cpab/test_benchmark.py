@@ -23,7 +23,8 @@ def test_quick_benchmark_prints_every_row(capsys):
     fits = [line for line in lines if line.startswith("fit ")]
     warps = [line for line in lines if line.startswith("warp ")]
     assert len(lines) == 2 + len(fits) + len(warps)
-    assert [line.split()[1:3] for line in fits] == [[m, g] for m in benchmark.METHODS for g in ("partial", "global")]
+    assert [line.split()[1:3] for line in fits] == [[m, g] for m in ("adam", "adam_graph", "gauss_newton")
+                                                    for g in ("partial", "global")]
     assert [(line.split()[1], line.split()[4]) for line in warps] == [
         (f"{s}x{s}", mode) for s in (8, 12) for mode in ("forward", "forward+backward")]
     timed_rows = warps + (fits if _fit_implemented() else [])

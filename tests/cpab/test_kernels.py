@@ -87,7 +87,7 @@ def test_crossing_limit_equals_reference():
 
 @needs_interpreter
 def test_theta_only_gradient_and_no_grad_forward():
-    model, theta, points = _problem((4, 4), 2, 8, 1.0, torch.float32)
+    model, theta, points = _problem((4, 4), 1, 8, 0.5, torch.float32)
     points = points.detach()
     affines = model.cell_affines(theta)
     table = flow_table(affines, 4, 2)
@@ -197,3 +197,12 @@ def test_transform_jacobian_equals_autograd_jacobian():
     _assert_close(out, model.transform(points, theta), 1e-12)
     _assert_close(jac, expected, 1e-10)
     assert full[0, :, :, 1].abs().max() == 0 and jac.abs().max() > 0.1
+
+
+def test_adam_fit_cuda_graph_equals_faithful_adam_fit_eagerly_on_cpu():
+    model = CPAB((2, 2), steps=2, refine=1)
+    x = 1.6 * torch.rand(3, 5, 2) - 0.8
+    y = model.transform(x, 0.5 * torch.randn(3, model.dim))
+    theta = kernels.adam_fit_cuda_graph(model, x, y, iterations=4, lr=1e-2, theta_init=1e-6)
+    assert torch.equal(theta, model.fit(x, y, method="adam", iterations=4))
+    assert (theta - 1e-6).abs().max() > 1e-3
