@@ -130,10 +130,7 @@ class DenseMotionNetwork(nn.Module):
     def _fit(self, transform, x, y, iterations):
         if self.fit_method == "gauss_newton":
             iterations = self.gn_iter
-        if torch.is_inference_mode_enabled():
-            # The fit needs autograd; inference tensors cannot enter it, normal clones can.
-            with torch.inference_mode(False):
-                return self._fit(transform, x.clone(), y.clone(), iterations)
+        # cpab's fits run under no_grad / inference_mode too (they clone into normal tensors).
         return transform.fit(x, y, method=self.fit_method, iterations=iterations, lr=self.fit_lr,
                              theta_init=self.theta_init, damping=self.gn_damping)
 
@@ -160,7 +157,8 @@ class DenseMotionNetwork(nn.Module):
         """Fit the CPAB warps (motion='cpab') to keypoints (B, 5K, 2): x = driving, y = source.
 
         Returns (theta_partial (B*K, d_partial), one row per group of 5 consecutive keypoints, sample
-        major; theta_global (B, d_global) or None without the global warp). Both are detached.
+        major; theta_global (B, d_global) or None without the global warp). Both carry no gradient unless
+        detach_keypoints is False (then the implicit gradient of ``_attach``).
         """
         if self.detach_keypoints:
             # Faithful to the official code: the fitted warps send no gradient into the keypoints.
@@ -192,7 +190,7 @@ class DenseMotionNetwork(nn.Module):
         normal = jac.transpose(1, 2) @ jac + self.gn_damping * torch.eye(jac.shape[2], dtype=jac.dtype,
                                                                          device=jac.device)
         residual = (transform.transform(x, theta.detach()) - y).reshape(bs, 2 * n, 1)
-        step = torch.linalg.solve(normal, jac.transpose(1, 2) @ residual)[..., 0]
+        step = torch.linalg.solve_ex(normal, jac.transpose(1, 2) @ residual)[0][..., 0]
         return theta - (step - step.detach())
 
     def create_deformed_source_image(self, source_image, transformations):

@@ -140,6 +140,12 @@ def test_tps_motion_uses_k_plus_one_warps(make_dense_motion, make_keypoints, ima
     assert grad.abs().sum() > 0
 
 
+def test_single_occlusion_mask(make_dense_motion, make_keypoints, images):
+    net = make_dense_motion(motion="tps", multi_mask=False)
+    out = net(images[0], _kp(make_keypoints(seed=1)), _kp(make_keypoints(seed=2)))
+    assert [m.shape for m in out["occlusion_map"]] == [(2, 1, 16, 16)]
+
+
 def test_global_cpab_off(make_dense_motion, make_keypoints):
     net = make_dense_motion(global_cpab=False, max_iter=1)
     assert net.num_warps == K + 1 and not hasattr(net, "global_cpab_transform")

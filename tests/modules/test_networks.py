@@ -118,3 +118,13 @@ def test_full_forward_backward_reaches_every_parameter():
     zero = [f"{name}.{p}" for name, net in nets.items() for p, param in net.named_parameters()
             if not p.endswith("bias") and param.grad.abs().max() == 0]
     assert not zero, zero
+
+
+def test_single_occlusion_mask_is_resized_to_every_level():
+    net = InpaintingNetwork(num_channels=3, block_expansion=8, max_features=32, num_down_blocks=3, multi_mask=False)
+    motion = _identity_motion(2, 64)
+    motion["occlusion_map"] = [torch.ones(2, 1, 16, 16)]
+    source = torch.rand(2, 3, 64, 64)
+    out = net(source, motion)
+    assert torch.allclose(out["prediction"], source, atol=1e-5)
+    assert [m.shape[-1] for m in net.get_encode(source, motion["occlusion_map"])] == [64, 32, 16, 8]
