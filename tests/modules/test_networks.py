@@ -43,11 +43,17 @@ def test_vox256_parameter_counts_equal_the_official_ones():
 
 
 def test_builder_switches():
-    cfg = load_config("config/vox-256.yaml", overrides=TINY + ["model_params.common_params.bg=false",
-                                                              "model_params.dense_motion_params.motion=tps"])
+    dm = "model_params.dense_motion_params."
+    cfg = load_config("config/vox-256.yaml", overrides=TINY + [
+        "model_params.common_params.bg=false", dm + "motion=tps", dm + "fit_method=gauss_newton", dm + "gn_iter=3",
+        dm + "gn_damping=0.02", dm + "fit_lr=0.05", dm + "theta_init=0.0", dm + "global_iter_multiplier=2.0",
+        dm + "kp_variance=0.02", dm + "detach_keypoints=false"])
     nets = build_networks(cfg)
     assert nets["bg_predictor"] is None
-    assert nets["dense_motion_network"].num_warps == K + 1
+    net = nets["dense_motion_network"]
+    assert net.num_warps == K + 1
+    assert (net.fit_method, net.gn_iter, net.gn_damping, net.fit_lr, net.theta_init, net.global_iter,
+            net.kp_variance, net.detach_keypoints) == ("gauss_newton", 3, 0.02, 0.05, 0.0, 4, 0.02, False)
     assert set(nets) == {"kp_detector", "dense_motion_network", "inpainting_network", "bg_predictor", "avd_network"}
 
 
