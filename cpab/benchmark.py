@@ -1,6 +1,6 @@
 """`python -m cpab.benchmark`: CPAB fit and dense-warp timings, fast path (Triton) vs PyTorch reference.
 
-Prints in one run, at the CPABMM shapes for batch size 8 (`--batch`):
+Prints in one run, at the CPABMM shapes for batch size 8 (`--batch`; 2 by default on CPU):
 - fit time per method (adam: `CPAB.fit(method="adam")`; adam_graph: the same fit replayed from a CUDA
   graph, `cpab.kernels.adam_fit_cuda_graph`, whose reference column is the eager adam fit;
   gauss_newton: `CPAB.fit(method="gauss_newton")`) for the 10 partial warps per sample (5 keypoints each,
@@ -37,16 +37,21 @@ GN_ITERATIONS = 5
 
 
 def sizes(quick, on_cuda, batch):
-    """The benchmark's sizes: full CPABMM shapes on CUDA, reduced on CPU, tiny with quick."""
+    """The benchmark's sizes: full CPABMM shapes on CUDA, reduced on CPU, tiny with quick.
+
+    batch None means 8 on CUDA (CPABMM's) and 2 on CPU.
+    """
     if quick:
         return dict(label="quick (CI smoke test: tiny sizes, 10 global keypoints)", batch=1, global_kps=10,
                     partial_iters=2, global_iters=2, gn_iters=2, grids=(8, 12), repeats=1)
     if on_cuda:
+        batch = 8 if batch is None else batch
         return dict(label=f"full (CPABMM shapes, batch {batch})", batch=batch, global_kps=50, partial_iters=100,
                     global_iters=150, gn_iters=GN_ITERATIONS, grids=(64, 256), repeats=5)
-    return dict(label=f"REDUCED for CPU (batch {batch}; 10/15 fit iterations instead of 100/150, "
-                      "grids 16^2 and 32^2 instead of 64^2 and 256^2)",
-                batch=batch, global_kps=50, partial_iters=10, global_iters=15, gn_iters=2, grids=(16, 32), repeats=1)
+    batch = 2 if batch is None else batch
+    return dict(label=f"REDUCED for CPU (batch {batch} instead of 8, 10/15 fit iterations instead of 100/150, "
+                      "grids 16^2 and 24^2 instead of 64^2 and 256^2)",
+                batch=batch, global_kps=50, partial_iters=10, global_iters=15, gn_iters=2, grids=(16, 24), repeats=1)
 
 
 def device_name(device):
@@ -96,9 +101,9 @@ def fit(model, method, x, y, iterations, fast):
 
 
 def residual(model, x, y, theta):
+    """Mean keypoint distance |T_theta(x) - y| in [-1, 1] units."""
     with torch.no_grad():
-        moved = x if theta is None else model.transform(x, theta)
-    return (moved - y).norm(dim=-1).mean().item()
+        return (model.transform(x, theta) - y).norm(dim=-1).mean().item()
 
 
 def fmt_ms(value):
@@ -109,7 +114,7 @@ def fmt_ratio(fast, reference):
     return f"x{reference / fast:8.3g}" if fast and reference else "      n/a"
 
 
-def run(quick=False, device=None, batch=8, interpret=False, out=print):
+def run(quick=False, device=None, batch=None, interpret=False, out=print):
     """Runs the benchmark and prints every row with `out`; returns the rows (strings)."""
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_cuda = device.type == "cuda"
@@ -134,12 +139,12 @@ def run(quick=False, device=None, batch=8, interpret=False, out=print):
         for name, tess, transforms, n_kps in groups(size["batch"], size["global_kps"]):
             iters = size["gn_iters"] if method == "gauss_newton" else size[f"{name}_iters"]
             times, after = {}, {}
-            x = y = before = None
+            x, y = keypoints(CPAB(tess), transforms, n_kps, device, seed=len(name))
+            before = (x - y).norm(dim=-1).mean().item()
             for label, backend in backends:
+                if method == "adam_graph" and not fast_ok:
+                    continue  # without a fast path this row would repeat the adam row
                 model = CPAB(tess, backend=backend).to(device)
-                if x is None:
-                    x, y = keypoints(model, transforms, n_kps, device, seed=len(name))
-                    before = residual(model, x, y, None)
                 try:
                     times[label], theta = timed(lambda: fit(model, method, x, y, iters, label == "fast"),
                                                 device, size["repeats"])
@@ -183,11 +188,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke test)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--batch", type=int, default=8, help="batch size (transforms: 10 partial + 1 global each)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="batch size (10 partial + 1 global transforms each); default 8 on CUDA, 2 on CPU")
     parser.add_argument("--interpret", action="store_true",
                         help="without CUDA, also run the fast path through the Triton interpreter (slow)")
     args = parser.parse_args(argv)
-    if args.batch < 1:
+    if args.batch is not None and args.batch < 1:
         parser.error("--batch must be positive")
     torch.manual_seed(0)
     run(quick=args.quick, device=args.device, batch=args.batch, interpret=args.interpret)
