@@ -38,6 +38,8 @@ MODES = ("relative", "standard", "avd")
 MAIN_NETWORKS = ("kp_detector", "dense_motion_network", "inpainting_network")
 # Containers into which the driving video's audio is muxed.
 AUDIO_CONTAINERS = (".mp4", ".m4v", ".mov", ".mkv")
+# Frame files of a driving frame folder.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 _AUDIO_STREAM = re.compile(r"^\s*Stream #\d+:\d+.*: Audio: ", re.MULTILINE)
 _VIDEO_STREAM = re.compile(r"^\s*Stream #\d+:\d+.*: Video: ", re.MULTILINE)
 
@@ -68,12 +70,25 @@ def _positive_int(text):
     return value
 
 
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--config", required=True, help="YAML config the checkpoint was trained with")
     parser.add_argument("--checkpoint", required=True, help="checkpoint written by run.py")
     parser.add_argument("--source_image", required=True, help="image to animate (any size, grey/RGB/RGBA)")
-    parser.add_argument("--driving_video", required=True, help="video whose motion drives the source")
+    parser.add_argument("--driving_video", required=True,
+                        help="video whose motion drives the source, or a folder of frames (FOMM layout)")
+    parser.add_argument("--fps", default=25.0, type=_positive_float,
+                        help="frame rate of the result when --driving_video is a frame folder (default: 25)")
     parser.add_argument("--result_video", default="result.mp4", help="output video (default: result.mp4)")
     parser.add_argument("--img_shape", default=(256, 256), type=parse_img_shape,
                         help="H,W the model was trained on (default: 256,256)")
@@ -281,8 +296,23 @@ class Animator:
         return self.networks["inpainting_network"](source_image=source, dense_motion=dense_motion)["prediction"]
 
 
+def frame_files(folder):
+    """The image files of a frame folder (FOMM layout: one video = a folder of frames), sorted by name."""
+    names = sorted(name for name in os.listdir(folder) if name.lower().endswith(IMAGE_EXTENSIONS))
+    return [os.path.join(folder, name) for name in names]
+
+
+def video_info(path, folder_fps):
+    """(fps, frame count or an estimate from the duration, or None) of a video file or a frame folder."""
+    if os.path.isdir(path):
+        return float(folder_fps), len(frame_files(path))
+    reader, fps, estimate = open_video(path)
+    reader.close()
+    return fps, estimate
+
+
 def open_video(path):
-    """imageio ffmpeg reader of the driving video, its fps and its frame count estimated from the duration (or None)."""
+    """The driving video's imageio ffmpeg reader, fps, and frame count estimated from its duration (or None)."""
     try:
         reader = imageio.v2.get_reader(path, format="FFMPEG")
         meta = reader.get_meta_data()
@@ -303,7 +333,18 @@ def open_video(path):
 
 
 def iter_batches(path, batch_size):
-    """Stream the driving video as lists of at most ``batch_size`` RGB uint8 frames (H, W, 3)."""
+    """Stream the driving video (file or frame folder) as lists of at most ``batch_size`` frames (H, W, C)."""
+    if os.path.isdir(path):
+        files = frame_files(path)
+        for start in range(0, len(files), batch_size):
+            batch = []
+            for name in files[start:start + batch_size]:
+                try:
+                    batch.append(imageio.v3.imread(name, index=0))
+                except (OSError, ValueError, RuntimeError, SyntaxError) as error:
+                    raise DemoError(f"cannot read driving frame {name}: {_first_line(error)}") from None
+            yield batch
+        return
     reader, _, _ = open_video(path)
     batch = []
     try:
@@ -398,6 +439,8 @@ def find_best_frame(source, path, img_shape, batch_size, device):
         if best_frame is None and index == 0:
             best_frame = tensor[:1].clone()
         index += len(frames)
+    if math.isinf(best_norm):
+        print("demo.py: warning: face-alignment finds no face in the driving video; using frame 0", file=sys.stderr)
     return best_index, best_frame
 
 
@@ -447,7 +490,7 @@ def run(args):
     """The whole demo; raises DemoError for problems with the inputs."""
     for flag, path in (("--config", args.config), ("--checkpoint", args.checkpoint),
                        ("--source_image", args.source_image), ("--driving_video", args.driving_video)):
-        if not os.path.isfile(path):
+        if not (os.path.isfile(path) or (flag == "--driving_video" and os.path.isdir(path))):
             raise DemoError(f"{flag}: file not found: {path}")
     try:
         config = load_config(args.config, overrides=args.overrides)
@@ -455,8 +498,9 @@ def run(args):
         raise DemoError(_first_line(error)) from None
     device = resolve_device(args.device, args.cpu)
     source = read_source_image(args.source_image, args.img_shape, device)
-    reader, fps, frame_estimate = open_video(args.driving_video)
-    reader.close()
+    fps, frame_estimate = video_info(args.driving_video, args.fps)
+    if frame_estimate == 0:
+        raise DemoError(f"driving video {args.driving_video} has no frames (no image files in the folder)")
     networks = load_networks(config, args.config, args.checkpoint, device, args.mode)
 
     reference_frame = None
@@ -466,9 +510,9 @@ def run(args):
         index, reference_frame = find_best_frame(source, args.driving_video, args.img_shape, args.batch_size,
                                                  device)
         print(f"best frame: {index}")
-    # With a fixed reference frame every frame is animated independently of the others, so streaming
-    # the video once in order gives the frames TPSMM gets from animating backwards and forwards from
-    # the best frame.
+    # With a fixed reference frame every frame is animated independently of the others (up to the
+    # batch-wide Adam fit loss, see --batch_size), so streaming the video once in order gives the
+    # frames TPSMM gets from animating backwards and forwards from the best frame.
 
     result_path = os.path.abspath(args.result_video)
     folder = os.path.dirname(result_path)
@@ -485,7 +529,7 @@ def run(args):
         if count == 0:
             raise DemoError(f"driving video {args.driving_video} has no frames")
         muxed = False
-        if has_audio(args.driving_video):
+        if os.path.isfile(args.driving_video) and has_audio(args.driving_video):
             if suffix in AUDIO_CONTAINERS:
                 muxed = mux_audio(video_path, args.driving_video, result_path, duration=count / fps)
                 if not muxed:

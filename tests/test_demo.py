@@ -80,6 +80,14 @@ def write_tiny_assets(folder):
     subprocess.run([FFMPEG, "-y", "-v", "error", "-i", paths.silent, "-f", "lavfi", "-i",
                     f"sine=frequency=440:duration={N_FRAMES / FPS}", "-map", "0:v", "-map", "1:a",
                     "-c:v", "copy", "-c:a", "aac", paths.driving], check=True, capture_output=True)
+    paths.frame_folder = str(folder / "frames")
+    os.makedirs(paths.frame_folder)
+    for index in range(3):
+        frame = np.full((SIZE, SIZE, 3), LEVELS[index], np.uint8)
+        frame[5:15, 5 + 4 * index:15 + 4 * index] = 255
+        imageio.v3.imwrite(os.path.join(paths.frame_folder, f"{index:04d}.png"), frame)
+    paths.empty_folder = str(folder / "empty")
+    os.makedirs(paths.empty_folder)
     paths.audio_only = str(folder / "audio-only.mp4")
     subprocess.run([FFMPEG, "-y", "-v", "error", "-f", "lavfi", "-i", "sine=duration=0.5", paths.audio_only],
                    check=True, capture_output=True)
@@ -211,19 +219,21 @@ def test_to_rgb_float_accepts_grey_rgba_and_16_bit():
 
 # ---------------------------------------------------------------- end to end
 
-def test_standard_mode_side_by_side_and_silent_driving_video(assets, tmp_path, capsys):
-    status, result = run_demo(assets, tmp_path, "--mode", "standard", "--side_by_side", driving=assets.silent)
+def test_standard_mode_side_by_side_from_a_frame_folder(assets, tmp_path, capsys):
+    status, result = run_demo(assets, tmp_path, "--mode", "standard", "--side_by_side", "--fps", "10",
+                              driving=assets.frame_folder)
     assert status == 0, capsys.readouterr().err
-    assert probe(result) == (N_FRAMES, FPS, 3 * SIZE, SIZE, False)
+    assert probe(result) == (3, 10, 3 * SIZE, SIZE, False)
     first = imageio.v2.get_reader(result, format="FFMPEG").get_data(0).astype(float)
     # Left tile is the source: the grey level LEVELS[3] with the white square.
     assert abs(np.median(first[:, :SIZE]) - LEVELS[3]) < 6
 
 
 def test_avd_mode_runs_with_an_avd_network_and_fails_in_one_line_without(assets, tmp_path, capsys):
-    status, result = run_demo(assets, tmp_path, "--mode", "avd", checkpoint=assets.checkpoint_avd)
+    status, result = run_demo(assets, tmp_path, "--mode", "avd", checkpoint=assets.checkpoint_avd,
+                              driving=assets.silent)
     assert status == 0, capsys.readouterr().err
-    assert probe(result)[:2] == (N_FRAMES, FPS)
+    assert probe(result) == (N_FRAMES, FPS, SIZE, SIZE, False)
     capsys.readouterr()
     status, _ = run_demo(assets, tmp_path, "--mode", "avd")
     error = capsys.readouterr().err.strip()
@@ -253,6 +263,8 @@ def test_errors_are_one_line(assets, tmp_path, capsys):
     assert "cannot read checkpoint" in _one_line_error(capsys)
 
     assert run_demo(assets, tmp_path, driving=assets.audio_only)[0] == 1
+    assert "has no frames" in _one_line_error(capsys)
+    assert run_demo(assets, tmp_path, driving=assets.empty_folder)[0] == 1
     assert "has no frames" in _one_line_error(capsys)
     assert not os.path.exists(tmp_path / "result.mp4")
 
