@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cpab import CPAB
 from modules.blocks import AntiAliasInterpolation2d, Hourglass, UpBlock2d, identity_grid, kp2gaussian
 from modules.tps import TPS
 
@@ -92,8 +93,6 @@ class DenseMotionNetwork(nn.Module):
         if scale_factor != 1:
             self.down = AntiAliasInterpolation2d(num_channels, scale_factor)
         if motion == "cpab":
-            from cpab import CPAB  # imported here so that motion='tps' and modules.blocks never need cpab
-
             self.partial_cpab = CPAB(tess_size=tuple(partial_tess_size), zero_boundary=zero_boundary,
                                      volume_preservation=volume_preservation)
             if self.global_cpab:
