@@ -24,7 +24,7 @@ memory, and retracing it backwards with the inverse maps would need the step dec
      well conditioned), adding lambda_{k+1} [x_k; 1]^T into the table gradient. A point stays on the
      same (cell, level) entry for runs of steps, so each lane sums a run in registers and flushes it
      with `tl.atomic_add` only when its entry changes (and at the end).
-Gradients w.r.t. theta then follow by autograd through `flow_table`'s matrix_exp, as in the reference.
+Gradients w.r.t. theta then follow by autograd through the flow table (and the affines), as in the reference.
 
 Dispatch (`integrate`, `integrate_table`): backend "auto" uses the kernel for CUDA tensors when
 Triton is importable and the reference otherwise; "triton" forces the kernel (on CPU tensors it runs
@@ -462,9 +462,10 @@ def flow_table_sync_free(affines, steps, refine, squarings=8, degree=12):
     E[:, c, l] = expm(2**l / T * [[A_c], [0 0 0]])[:2] as in the reference (T = steps * 2**refine),
     computed in float64: a degree-`degree` Taylor polynomial (Horner) of the matrix scaled by
     2**-squarings, squared `squarings` times, then squared once more per level (expm(2X) = expm(X)^2).
-    `torch.linalg.matrix_exp` picks its scaling per matrix on the host (a device sync on CUDA, which
-    also forbids CUDA-graph capture); for the small in-cell flows of CPAB the fixed scheme agrees with it
-    to float64 rounding (tested). Returns (B, nC, refine + 1, 2, 3) in affines.dtype, differentiable.
+    The reference picks its scaling from the data on the host (`torch.linalg.matrix_exp` does too): a
+    device sync on CUDA, which also forbids CUDA-graph capture. For CPAB's small in-cell flows the fixed
+    scheme agrees with it to float64 rounding (tested). Returns (B, nC, refine + 1, 2, 3) in
+    affines.dtype, differentiable.
     """
     B, n_cells = affines.shape[:2]
     hom = torch.cat([affines.to(torch.float64),
