@@ -207,3 +207,29 @@ def test_adam_fit_cuda_graph_equals_faithful_adam_fit_eagerly_on_cpu():
     theta = kernels.adam_fit_cuda_graph(model, x, y, iterations=4, lr=1e-2, theta_init=1e-6)
     assert torch.equal(theta, model.fit(x, y, method="adam", iterations=4))
     assert (theta - 1e-6).abs().max() > 1e-3
+
+
+@needs_interpreter
+def test_transform_jacobian_through_the_kernel_equals_reference():
+    theta = torch.randn(1, CPAB((3, 3)).dim, dtype=torch.float64)
+    points = 1.8 * torch.rand(1, 2, 2, dtype=torch.float64) - 0.9
+    fast = kernels.transform_jacobian(CPAB((3, 3), steps=2, refine=1, backend="triton").double(), points, theta)
+    slow = kernels.transform_jacobian(CPAB((3, 3), steps=2, refine=1, backend="reference").double(), points, theta)
+    _assert_close(fast[0], slow[0], 1e-12)
+    _assert_close(fast[1], slow[1], 1e-10)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_adam_fit_and_jacobian_match_eager():
+    model = CPAB((4, 4)).cuda()
+    x = (1.6 * torch.rand(80, 5, 2) - 0.8).cuda()
+    y = model.transform(x, 0.5 * torch.randn(80, model.dim, device="cuda"))
+    graphed = kernels.adam_fit_cuda_graph(model, x, y, iterations=20, lr=1e-2, theta_init=1e-6)
+    eager = model.fit(x, y, method="adam", iterations=20)
+    _assert_close(graphed, eager, 1e-4)
+    out, jac = kernels.transform_jacobian(model, x[:4], graphed[:4])
+    reference = CPAB((4, 4), backend="reference").cuda()
+    ref_out, ref_jac = kernels.transform_jacobian(reference, x[:4], graphed[:4])
+    _assert_close(out, ref_out, 1e-5)
+    _assert_close(jac, ref_jac, 1e-4)
