@@ -5,6 +5,11 @@ import sys
 import pytest
 import torch
 
+# Without CUDA, Triton kernels run through Triton's interpreter. Triton reads this once, when it is
+# first imported (torchvision imports it), so it is set here, before any test module is collected.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
