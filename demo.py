@@ -90,8 +90,9 @@ def build_parser():
     parser.add_argument("--fps", default=25.0, type=_positive_float,
                         help="frame rate of the result when --driving_video is a frame folder (default: 25)")
     parser.add_argument("--result_video", default="result.mp4", help="output video (default: result.mp4)")
-    parser.add_argument("--img_shape", default=(256, 256), type=parse_img_shape,
-                        help="H,W the model was trained on (default: 256,256)")
+    parser.add_argument("--img_shape", default=None, type=parse_img_shape,
+                        help="H,W the model was trained on (default: the config's dataset_params.frame_shape, "
+                             "else 256,256)")
     parser.add_argument("--mode", default="relative", choices=MODES,
                         help="relative: driving motion relative to the first (or best) driving frame, "
                              "scaled to the source (default); standard: driving keypoints as they are; "
@@ -496,6 +497,9 @@ def run(args):
         config = load_config(args.config, overrides=args.overrides)
     except (OSError, ValueError) as error:
         raise DemoError(_first_line(error)) from None
+    if args.img_shape is None:
+        frame_shape = config["dataset_params"].get("frame_shape")
+        args.img_shape = tuple(frame_shape[:2]) if frame_shape else (256, 256)
     device = resolve_device(args.device, args.cpu)
     source = read_source_image(args.source_image, args.img_shape, device)
     fps, frame_estimate = video_info(args.driving_video, args.fps)

@@ -24,6 +24,7 @@ N_FRAMES, FPS, SIZE = 6, 12, 32
 LEVELS = [20, 60, 100, 140, 180, 220]
 
 TINY_OVERRIDES = [
+    f"dataset_params.frame_shape=[{SIZE}, {SIZE}, 3]",
     "model_params.common_params.num_cpab=2",
     "model_params.common_params.bg=false",
     "model_params.generator_params.block_expansion=8",
@@ -119,11 +120,13 @@ def probe(path):
     return count, meta["fps"], meta["size"][0], meta["size"][1], audio
 
 
-def run_demo(assets, tmp_path, *extra, checkpoint=None, driving=None):
+def run_demo(assets, tmp_path, *extra, checkpoint=None, driving=None, img_shape=f"{SIZE},{SIZE}"):
     result = str(tmp_path / "result.mp4")
     argv = ["--config", assets.config, "--checkpoint", checkpoint or assets.checkpoint,
             "--source_image", assets.source, "--driving_video", driving or assets.driving,
-            "--result_video", result, "--img_shape", f"{SIZE},{SIZE}", "--cpu", *extra]
+            "--result_video", result, "--cpu", *extra]
+    if img_shape is not None:
+        argv += ["--img_shape", img_shape]
     return demo.main(argv), result
 
 
@@ -221,7 +224,7 @@ def test_to_rgb_float_accepts_grey_rgba_and_16_bit():
 
 def test_standard_mode_side_by_side_from_a_frame_folder(assets, tmp_path, capsys):
     status, result = run_demo(assets, tmp_path, "--mode", "standard", "--side_by_side", "--fps", "10",
-                              driving=assets.frame_folder)
+                              driving=assets.frame_folder, img_shape=None)   # from dataset_params.frame_shape
     assert status == 0, capsys.readouterr().err
     assert probe(result) == (3, 10, 3 * SIZE, SIZE, False)
     first = imageio.v2.get_reader(result, format="FFMPEG").get_data(0).astype(float)
