@@ -45,7 +45,7 @@ included in that figure). After `max_crossings` crossings a point stops bisectin
 crossing corrected; only pathological paths get there).
 
 Gradients: autograd through the accepted steps (x_{k+1} = E_k [x_k; 1]), the crossing corrections
-(functions of x, A_c, A_c') and `torch.linalg.matrix_exp` in `flow_table`, with the discrete decisions
+(functions of x, A_c, A_c') and `flow_table` (scaling and squaring of a Taylor polynomial: plain products), with the discrete decisions
 (cells, levels) held fixed; this passes float64 gradcheck. Because the velocity
 field is continuous, the exact gradient of the true flow equals the continuous adjoint: with
 lambda(1) = dL/dx(1) and lambda' = -(dv/dx)^T lambda = -A_c^T lambda along the path,
@@ -53,7 +53,7 @@ dL/dx(0) = lambda(0) and dL/dA_c = integral over the time spent in c of lambda(t
 (no jump terms at crossings). A kernel can therefore compute the backward pass by retracing the path
 backwards with the inverse in-cell flows (E[c, l]^{-1}) while propagating lambda with the transposed
 linear parts, lambda_k = E_k[:, :2]^T lambda_{k+1}, and accumulating dL/dE_k = lambda_{k+1} [x_k; 1]^T;
-dL/dA then follows from the Frechet derivative of expm (what autograd does for `flow_table`); the
+dL/dA then follows from the Frechet derivative of expm (autograd through `flow_table`); the
 few corrected crossing ticks add their own (local, closed-form) terms, or a kernel may drop them
 (O(tick) error in the gradient).
 """
@@ -83,18 +83,37 @@ def velocity(points, affines, nx, ny):
                         A[..., 3] * x + A[..., 4] * y + A[..., 5]], dim=-1)
 
 
+def _compose(lin1, t1, lin2, t2):
+    """Affine composition (lin1, t1) o (lin2, t2): x -> lin1 (lin2 x + t2) + t1."""
+    return lin1 @ lin2, (lin1 @ t2.unsqueeze(-1)).squeeze(-1) + t1
+
+
 def flow_table(affines, steps, refine):
     """Exact in-cell flows E (B, nC, refine + 1, 2, 3): E[:, c, l] = expm(2**l / T * [[A_c], [0 0 0]])[:2].
 
-    T = steps * 2**refine ticks make up time 1. Computed in float64 and cast back to affines.dtype.
+    T = steps * 2**refine ticks make up time 1. Computed in float64 by scaling and squaring (degree-10
+    Taylor polynomial of the scaled homogeneous matrix, whose norm is at most 1/16: truncation error
+    below 1e-16) and cast back to affines.dtype. Differentiable (autograd through plain products).
     """
-    B, n_cells = affines.shape[:2]
-    ticks = steps * 2 ** refine
-    scale = torch.tensor([2.0 ** level / ticks for level in range(refine + 1)],
-                         dtype=torch.float64, device=affines.device)
-    hom = torch.cat([affines.to(torch.float64), affines.new_zeros(B, n_cells, 1, 3, dtype=torch.float64)], dim=2)
-    mats = hom.unsqueeze(2) * scale.view(1, 1, -1, 1, 1)
-    return torch.linalg.matrix_exp(mats)[..., :2, :].to(affines.dtype)
+    hom = affines.to(torch.float64)
+    tau = 1.0 / (steps * 2 ** refine)
+    norm = hom.abs().sum(-1).amax() * tau  # >= the infinity norm of tau * [[A], [0 0 0]]
+    squarings = max(0, int(torch.ceil(torch.log2(norm.detach() * 16.0)).clamp(min=0)))
+    X = hom * (tau / 2 ** squarings)
+    X_lin, X_t = X[..., :2], X[..., 2]
+    eye = torch.eye(2, dtype=torch.float64, device=affines.device)
+    # Horner: P = I + X / k P, from k = 10 down to 1, with homogeneous matrices whose last rows are
+    # [0 0 0] (X) and [0 0 1] (P), kept as (linear part, translation).
+    P_lin, P_t = eye + X_lin / 10.0, X_t / 10.0
+    for k in range(9, 0, -1):
+        P_lin, P_t = eye + (X_lin @ P_lin) / k, ((X_lin @ P_t.unsqueeze(-1)).squeeze(-1) + X_t) / k
+    for _ in range(squarings):
+        P_lin, P_t = _compose(P_lin, P_t, P_lin, P_t)
+    levels = [(P_lin, P_t)]
+    for _ in range(refine):
+        levels.append(_compose(*levels[-1], *levels[-1]))
+    table = torch.stack([torch.cat([lin, t.unsqueeze(-1)], dim=-1) for lin, t in levels], dim=2)
+    return table.to(affines.dtype)
 
 
 def _level_table(refine, device):
@@ -104,13 +123,13 @@ def _level_table(refine, device):
 
 def _apply(A, x):
     """Affine maps A (n, 6) (row-major 2 x 3) applied to points x (n, 2)."""
-    return torch.stack([A[:, 0] * x[:, 0] + A[:, 1] * x[:, 1] + A[:, 2],
-                        A[:, 3] * x[:, 0] + A[:, 4] * x[:, 1] + A[:, 5]], dim=1)
+    A = A.view(-1, 2, 3)
+    return (A[:, :, :2] * x.unsqueeze(1)).sum(-1) + A[:, :, 2]
 
 
 def _linear(A, v):
     """Linear parts of affine maps A (n, 6) applied to vectors v (n, 2)."""
-    return torch.stack([A[:, 0] * v[:, 0] + A[:, 1] * v[:, 1], A[:, 3] * v[:, 0] + A[:, 4] * v[:, 1]], dim=1)
+    return (A.view(-1, 2, 3)[:, :, :2] * v.unsqueeze(1)).sum(-1)
 
 
 def crossing_correction(x, x_end, A_old, A_new, duration):
@@ -136,12 +155,25 @@ def crossing_correction(x, x_end, A_old, A_new, duration):
     return x_cross + tau * v_new + 0.5 * tau * tau * _linear(A_new, v_new)
 
 
-def integrate_table(points, table, affines, nx, ny, steps, refine, max_crossings):
+def _basis_field(cell_basis, cells, x):
+    """d v / d theta (n, 2, d) at points x (n, 2) in cells (n,), from cell_basis (nC, 6, d)."""
+    b = cell_basis.index_select(0, cells)
+    return torch.stack([b[:, 0] * x[:, :1] + b[:, 1] * x[:, 1:] + b[:, 2],
+                        b[:, 3] * x[:, :1] + b[:, 4] * x[:, 1:] + b[:, 5]], dim=1)
+
+
+def integrate_table(points, table, affines, nx, ny, steps, refine, max_crossings, cell_basis=None):
     """Flow at time 1 of points (B, N, 2) given the flow table (B, nC, refine + 1, 2, 3) of `flow_table`
     and the per-cell affines (B, nC, 2, 3) it was built from.
 
     The stepping rule is documented in the module docstring. Differentiable (autograd) with respect to
     points, table and affines. Returns (B, N, 2) in points' dtype.
+
+    Optional (for Gauss-Newton fits, not part of the kernel contract): with cell_basis (nC, 6, d), the
+    per-cell parameters' basis (affines[b] = (cell_basis @ theta[b]).view(nC, 2, 3)), also returns the
+    sensitivity J = d x(1) / d theta (B, N, 2, d), propagated along the path without autograd:
+    J <- E_lin J + tau / 2 (E_lin G(x_k) + G(x_k+1)) per accepted step of duration tau (trapezoid rule
+    for the exact step's parameter derivative; G = d v / d theta), accurate to a few percent.
     """
     B, N = points.shape[:2]
     n_cells, n_levels = table.shape[1], table.shape[2]
@@ -153,31 +185,45 @@ def integrate_table(points, table, affines, nx, ny, steps, refine, max_crossings
     x = points.reshape(B * N, 2)
     index = torch.arange(B * N, device=device)
     cell_base = torch.arange(B, device=device).repeat_interleave(N) * n_cells
-    cell = cell_index(x, nx, ny)
+    cell = cell_index(x.detach(), nx, ny)
     tick = torch.zeros(B * N, dtype=torch.long, device=device)
     level = torch.full((B * N,), refine, dtype=torch.long, device=device)
     bracket_end = torch.full((B * N,), -1, dtype=torch.long, device=device)
     crossings = torch.zeros(B * N, dtype=torch.long, device=device)
     level_of_remaining = _level_table(refine, device)
-    finished_index, finished_x = [], []
+    finished_index, finished_x, finished_jac = [], [], []
+    with_jacobian = cell_basis is not None
+    if with_jacobian:
+        cell_basis = cell_basis.detach()
+        jac = x.new_zeros(B * N, 2, cell_basis.shape[-1])
+        field_start = _basis_field(cell_basis, cell, x.detach())
 
     while index.numel() > 0:
-        x_new = _apply(flat.index_select(0, (cell_base + cell) * n_levels + level), x)
-        cell_new = cell_index(x_new, nx, ny)
+        E = flat.index_select(0, (cell_base + cell) * n_levels + level)
+        x_new = _apply(E, x)
+        cell_new = cell_index(x_new.detach(), nx, ny)
         moved = cell_new != cell
         reject = moved & (level > 0) & (crossings < max_crossings)
         crossed = moved & ~reject
+        duration = (1 << level).to(x.dtype) / total
         crossed_index = crossed.nonzero().squeeze(1)
-        if crossed_index.numel() > 0:
+        if crossed_index.numel() > 0:  # crossing corrections on the crossing subset only
             corrected = crossing_correction(
                 x.index_select(0, crossed_index), x_new.index_select(0, crossed_index),
                 flat_affines.index_select(0, (cell_base + cell).index_select(0, crossed_index)),
                 flat_affines.index_select(0, (cell_base + cell_new).index_select(0, crossed_index)),
-                (1 << level.index_select(0, crossed_index)).to(x.dtype) / total)
+                duration.index_select(0, crossed_index))
             x_new = x_new.index_copy(0, crossed_index, corrected)
-            cell_new = cell_new.index_copy(0, crossed_index, cell_index(corrected, nx, ny))
+            cell_new = cell_new.index_copy(0, crossed_index, cell_index(corrected.detach(), nx, ny))
 
         accept = ~reject
+        if with_jacobian:
+            E, x_end = E.detach(), x_new.detach()
+            field_end = _basis_field(cell_basis, cell_new, x_end)
+            lin = E[:, [0, 1, 3, 4]].view(-1, 2, 2)
+            stepped = lin @ jac + (0.5 * duration).view(-1, 1, 1) * (lin @ field_start + field_end)
+            jac = torch.where(accept.view(-1, 1, 1), stepped, jac)
+            field_start = torch.where(accept.view(-1, 1, 1), field_end, field_start)
         bracket_end = torch.where(reject, tick + (1 << level), bracket_end)
         x = torch.where(accept.unsqueeze(1), x_new, x)
         tick = tick + torch.where(accept, 1 << level, 0)
@@ -187,7 +233,7 @@ def integrate_table(points, table, affines, nx, ny, steps, refine, max_crossings
         remaining = total - tick
         level = torch.where(bracket_end >= 0, (level - 1).clamp(min=0),
                             torch.where(remaining >= 2 ** refine, refine,
-                                        level_of_remaining[remaining.clamp(max=2 ** refine - 1)]))
+                                        level_of_remaining[remaining.clamp(min=0, max=2 ** refine - 1)]))
 
         done = remaining <= 0
         if bool(done.any()):
@@ -195,11 +241,17 @@ def integrate_table(points, table, affines, nx, ny, steps, refine, max_crossings
             finished_index.append(index.index_select(0, finished))
             finished_x.append(x.index_select(0, finished))
             keep = (~done).nonzero().squeeze(1)
+            if with_jacobian:
+                finished_jac.append(jac.index_select(0, finished))
+                jac, field_start = jac.index_select(0, keep), field_start.index_select(0, keep)
             x, index, cell_base, cell = (t.index_select(0, keep) for t in (x, index, cell_base, cell))
             tick, level, bracket_end, crossings = (t.index_select(0, keep) for t in (tick, level, bracket_end, crossings))
 
     order = torch.argsort(torch.cat(finished_index))
-    return torch.cat(finished_x)[order].reshape(B, N, 2)
+    out = torch.cat(finished_x)[order].reshape(B, N, 2)
+    if with_jacobian:
+        return out, torch.cat(finished_jac)[order].reshape(B, N, 2, -1)
+    return out
 
 
 def integrate(points, affines, nx, ny, steps=8, refine=3, max_crossings=64):

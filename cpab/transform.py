@@ -99,6 +99,8 @@ class CPAB(nn.Module):
         """Per-cell affine matrices (B, nC, 2, 3) on [-1, 1]^2: v(x) = A[..., :2] @ x + A[..., 2]."""
         self._check_theta(theta)
         basis = self.basis.to(device=theta.device, dtype=theta.dtype)
+        if basis.is_inference() and not torch.is_inference_mode_enabled():
+            basis = basis.clone()  # a module built under inference_mode, used with autograd (fit)
         return (theta @ basis.T).view(theta.shape[0], self.n_cells, 2, 3)
 
     def velocity(self, points, theta):
@@ -134,7 +136,7 @@ class CPAB(nn.Module):
         return self.transform(points, theta).view(theta.shape[0], H, W, 2)
 
     # ---------------------------------------------------------------- inference
-    def fit(self, x, y, method="adam", iterations=100, lr=1e-2, theta_init=1e-6, damping=1e-3):
+    def fit(self, x, y, method="adam", iterations=100, lr=1e-2, theta_init=1e-6, damping=1e-4):
         """theta (B, d), detached, such that transform(x, theta) ~= y for keypoints x, y (B, N, 2).
 
         method "adam" (the official procedure, see `cpab.fit.fit_adam`): theta starts at `theta_init`
