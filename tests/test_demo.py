@@ -77,9 +77,9 @@ def write_tiny_assets(folder):
         frame[10:40, 10 + 8 * index:40 + 8 * index] = 255
         writer.append_data(frame)
     writer.close()
-    paths.driving = str(folder / "driving.mp4")
+    paths.driving = str(folder / "driving.mp4")   # its audio track lasts twice as long as its frames
     subprocess.run([FFMPEG, "-y", "-v", "error", "-i", paths.silent, "-f", "lavfi", "-i",
-                    f"sine=frequency=440:duration={N_FRAMES / FPS}", "-map", "0:v", "-map", "1:a",
+                    f"sine=frequency=440:duration={2 * N_FRAMES / FPS}", "-map", "0:v", "-map", "1:a",
                     "-c:v", "copy", "-c:a", "aac", paths.driving], check=True, capture_output=True)
     paths.frame_folder = str(folder / "frames")
     os.makedirs(paths.frame_folder)
@@ -118,6 +118,13 @@ def probe(path):
     info = subprocess.run([FFMPEG, "-hide_banner", "-i", path], capture_output=True, text=True).stderr
     audio = re.search(r"Stream #\d+:\d+.*: Audio: ", info) is not None
     return count, meta["fps"], meta["size"][0], meta["size"][1], audio
+
+
+def container_duration(path):
+    """Seconds of the ``Duration:`` line of `ffmpeg -i` (the longest stream, audio included)."""
+    info = subprocess.run([FFMPEG, "-hide_banner", "-i", path], capture_output=True, text=True).stderr
+    hours, minutes, seconds = re.search(r"Duration: (\d+):(\d+):([\d.]+)", info).groups()
+    return 3600 * int(hours) + 60 * int(minutes) + float(seconds)
 
 
 def run_demo(assets, tmp_path, *extra, checkpoint=None, driving=None, img_shape=f"{SIZE},{SIZE}"):
@@ -304,6 +311,7 @@ def test_relative_mode_with_best_frame_keeps_frames_fps_and_audio(assets, tmp_pa
     assert status == 0, output.err
     assert "best frame: 3" in output.out   # the source has frame 3's grey level
     assert probe(result) == (N_FRAMES, FPS, SIZE, SIZE, True)
+    assert container_duration(result) == pytest.approx(N_FRAMES / FPS, abs=0.05)   # audio cut at the video's end
     assert re.search(r"model: [0-9.]+ frames/s", output.out)
     frames = np.stack([frame for frame in imageio.v2.get_reader(result, format="FFMPEG")])
     assert frames.std() > 1.0  # an image, not a blank frame
