@@ -85,6 +85,7 @@ def fit_gauss_newton(model, x, y, iterations, damping):
             JtJ = jac.transpose(1, 2) @ jac
             gradient = (jac.transpose(1, 2) @ residual.unsqueeze(-1)).squeeze(-1) + lam.view(-1, 1) * theta
             candidate = theta + _solve(JtJ, -gradient, lam + mu)
+            candidate = torch.where(torch.isfinite(candidate), candidate, theta)
             new_residual, new_jac, new_objective = evaluate(candidate)
             better = new_objective < objective
             keep = better.view(-1, 1)
@@ -93,5 +94,5 @@ def fit_gauss_newton(model, x, y, iterations, damping):
             jac = torch.where(keep.unsqueeze(-1), new_jac, jac)
             objective = torch.where(better, new_objective, objective)
             scale = JtJ.diagonal(dim1=1, dim2=2).mean(1)
-            mu = torch.where(better, mu / 3.0, torch.maximum(10.0 * mu, 1e-3 * scale))
+            mu = torch.where(better, mu / 3.0, torch.maximum(10.0 * mu, 1e-3 * scale)).clamp(max=1e6 * scale.max())
         return theta

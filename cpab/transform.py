@@ -136,13 +136,13 @@ class CPAB(nn.Module):
         return self.transform(points, theta).view(theta.shape[0], H, W, 2)
 
     # ---------------------------------------------------------------- inference
-    def fit(self, x, y, method="adam", iterations=100, lr=1e-2, theta_init=1e-6, damping=1e-4):
+    def fit(self, x, y, method="adam", iterations=None, lr=1e-2, theta_init=1e-6, damping=1e-4):
         """theta (B, d), detached, such that transform(x, theta) ~= y for keypoints x, y (B, N, 2).
 
         method "adam" (the official procedure, see `cpab.fit.fit_adam`): theta starts at `theta_init`
-        everywhere, `iterations` Adam steps with learning rate `lr` on one Frobenius norm of all the
-        batch's residuals. method "gauss_newton" (`cpab.fit.fit_gauss_newton`): per transform,
-        minimises |transform(x) - y|^2 + damping |theta|^2 in at most `iterations` (<= 10 sensible)
+        everywhere, `iterations` (default 100) Adam steps with learning rate `lr` on one Frobenius norm
+        of all the batch's residuals. method "gauss_newton" (`cpab.fit.fit_gauss_newton`): per
+        transform, minimises |transform(x) - y|^2 + damping |theta|^2 with `iterations` (default 10)
         Gauss-Newton steps from the linearised closed form. Works under no_grad / inference_mode.
         """
         self._check_points("x", x)
@@ -151,6 +151,8 @@ class CPAB(nn.Module):
             raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
         if x.dtype != y.dtype:
             raise TypeError(f"x ({x.dtype}) and y ({y.dtype}) must have the same dtype")
+        if iterations is None:
+            iterations = 10 if method == "gauss_newton" else 100
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
             raise ValueError(f"iterations must be a non-negative int, got {iterations!r}")
         if method == "adam":

@@ -134,3 +134,14 @@ def test_fit_errors():
         model.fit(x, y, iterations=-1)
     with pytest.raises(ValueError):
         model.fit(x, torch.full_like(y, float("nan")))
+
+
+def test_gauss_newton_many_iterations_stay_finite_and_default_is_ten():
+    model = CPAB((4, 4))
+    x, y = cpabmm_problem(2)
+    x, y = x[:, :5], y[:, :5]
+    ten = model.fit(x, y, method="gauss_newton")
+    assert torch.equal(ten, model.fit(x, y, method="gauss_newton", iterations=10))
+    many = model.fit(x, y, method="gauss_newton", iterations=40)  # converged: LM keeps refusing steps
+    assert torch.isfinite(many).all()
+    assert mean_residual(model, many, x, y) <= mean_residual(model, ten, x, y) + 1e-6
