@@ -193,8 +193,11 @@ def frames_to_tensor(frames, img_shape, device):
 
     Resized with anti-aliased bilinear interpolation (``align_corners=False``) when the size differs.
     """
-    batch = np.stack([to_rgb_float(frame) for frame in frames])
-    tensor = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2)
+    if all(frame.dtype == np.uint8 and frame.ndim == 3 and frame.shape[2] == 3 for frame in frames):
+        # The usual case (decoded video): move uint8 to the device, convert there (4x less to copy).
+        tensor = torch.from_numpy(np.stack(frames)).to(device).permute(0, 3, 1, 2).float() / 255.0
+    else:
+        tensor = torch.from_numpy(np.stack([to_rgb_float(frame) for frame in frames])).to(device).permute(0, 3, 1, 2)
     if tuple(tensor.shape[2:]) != tuple(img_shape):
         tensor = F.interpolate(tensor, size=tuple(img_shape), mode="bilinear", align_corners=False,
                                antialias=True).clamp(0.0, 1.0)

@@ -225,6 +225,10 @@ def test_to_rgb_float_accepts_grey_rgba_and_16_bit():
     assert demo.to_rgb_float(deep).dtype == np.float32 and demo.to_rgb_float(deep).min() == 1.0
     tensor = demo.frames_to_tensor([np.zeros((30, 40), np.uint8)], (16, 24), torch.device("cpu"))
     assert tensor.shape == (1, 3, 16, 24)
+    rgb = np.random.default_rng(0).integers(0, 256, size=(2, 30, 40, 3), dtype=np.uint8)
+    fast = demo.frames_to_tensor(list(rgb), (16, 24), torch.device("cpu"))          # uint8 path
+    slow = demo.frames_to_tensor([frame / 255.0 for frame in rgb], (16, 24), torch.device("cpu"))
+    torch.testing.assert_close(fast, slow)
 
 
 # ---------------------------------------------------------------- end to end
