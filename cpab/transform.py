@@ -111,7 +111,7 @@ class CPAB(nn.Module):
     def transform(self, points, theta):
         """Points (B, N, 2) moved for unit time along the field of theta (B, d); differentiable in both."""
         self._check_pair(points, theta)
-        if points.shape[1] == 0:
+        if points.shape[0] == 0 or points.shape[1] == 0:
             return points.clone()
         return self.transform_unchecked(points, theta)
 

@@ -155,6 +155,7 @@ def test_integrate_pure_function_matches_module():
 def test_empty_point_set():
     model = CPAB((4, 4))
     assert model.transform(torch.zeros(2, 0, 2), torch.randn(2, model.dim)).shape == (2, 0, 2)
+    assert model.transform(torch.zeros(0, 3, 2), torch.randn(0, model.dim)).shape == (0, 3, 2)
 
 
 @pytest.mark.parametrize("bad_points, bad_theta, error", [
