@@ -1,0 +1,1 @@
+"""End-to-end speed benchmarks (``python -m bench.speed``)."""
