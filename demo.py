@@ -1,6 +1,6 @@
 """Animate a source image with a driving video (the FOMM/TPSMM ``demo.py`` command line).
 
-    python demo.py --config config/vox-256.yaml --checkpoint log/vox-256/checkpoint.pth.tar \
+    python demo.py --config config/vox-256.yaml --checkpoint runs/<run directory>/checkpoint.pth.tar \
         --source_image source.png --driving_video driving.mp4 --result_video result.mp4
 
 Conventions: frames are RGB; inside the networks they are float32 in [0, 1] shaped (B, 3, H, W) with
