@@ -8,6 +8,7 @@ Coordinates: [-1, 1]^2, (x, y); theta has libcpab's [0, 1]-domain meaning (see `
 import torch
 
 from .integrate import flow_table, integrate_table
+from .kernels import resolve_backend, transform_jacobian
 
 
 def _clone_inputs(*tensors):
@@ -39,7 +40,7 @@ def fit_adam(model, x, y, iterations, lr, theta_init):
                            requires_grad=True)
         optimizer = torch.optim.Adam([theta], lr=lr)
         for _ in range(iterations):
-            loss = official_loss(model.transform(x, theta) - y)
+            loss = official_loss(model.transform_unchecked(x, theta) - y)
             (theta.grad,) = torch.autograd.grad(loss, theta)
             optimizer.step()
         return theta.detach()
@@ -48,7 +49,10 @@ def fit_adam(model, x, y, iterations, lr, theta_init):
 def _solve(JtJ, rhs, shift):
     """Batched (JtJ + shift I) z = rhs, JtJ (B, d, d), rhs (B, d), shift (B,)."""
     eye = torch.eye(JtJ.shape[-1], dtype=JtJ.dtype, device=JtJ.device)
-    return torch.linalg.solve(JtJ + shift.view(-1, 1, 1) * eye, rhs.unsqueeze(-1)).squeeze(-1)
+    # solve_ex without error checks: no host synchronisation; a singular system gives non-finite
+    # entries, which the caller refuses.
+    solution, _ = torch.linalg.solve_ex(JtJ + shift.view(-1, 1, 1) * eye, rhs.unsqueeze(-1), check_errors=False)
+    return solution.squeeze(-1)
 
 
 def fit_gauss_newton(model, x, y, iterations, damping):
@@ -68,8 +72,15 @@ def fit_gauss_newton(model, x, y, iterations, damping):
         cell_basis = model.basis.to(dtype=x.dtype, device=x.device).view(model.n_cells, 6, d)
         lam = torch.full((B,), float(damping), dtype=x.dtype, device=x.device)
 
+        exact_jacobian = resolve_backend(model.backend, x.device) == "triton"
+
         def evaluate(theta):
-            affines = model.cell_affines(theta)
+            if exact_jacobian:  # the GPU kernel's adjoint: exact Jacobian, no host synchronisation
+                out, jac = transform_jacobian(model, x, theta)
+                residual = (out - y).reshape(B, 2 * N)
+                jac = jac.reshape(B, 2 * N, d)
+                return residual, jac, (residual ** 2).sum(1) + lam * (theta ** 2).sum(1)
+            affines = model.cell_affines_unchecked(theta)
             table = flow_table(affines, model.steps, model.refine)
             out, jac = integrate_table(x, table, affines, model.nx, model.ny, model.steps, model.refine,
                                        model.max_crossings, cell_basis=cell_basis)

@@ -515,8 +515,9 @@ def transform_jacobian(model, points, theta):
 
 def _adam_iteration(model, x, y, theta, optimizer):
     """One iteration of the faithful Adam fit (the loss of `cpab.fit.fit_adam`), no host sync."""
-    residual = model.transform_unchecked(x, theta) - y
-    loss = torch.linalg.vector_norm(0.5 * residual)  # one norm over the whole batch, [0, 1] units
+    from .fit import official_loss  # here, not at the top: cpab.fit imports this module
+
+    loss = official_loss(model.transform_unchecked(x, theta) - y)
     (grad,) = torch.autograd.grad(loss, theta)
     theta.grad.copy_(grad)
     optimizer.step()

@@ -13,7 +13,7 @@ from torch import nn
 from .basis import null_space_basis
 from .fit import fit_adam, fit_gauss_newton
 from .integrate import velocity
-from .kernels import BACKENDS, integrate
+from .kernels import BACKENDS, adam_fit_cuda_graph, integrate, resolve_backend
 
 
 def _check_float(name, tensor):
@@ -98,6 +98,10 @@ class CPAB(nn.Module):
     def cell_affines(self, theta):
         """Per-cell affine matrices (B, nC, 2, 3) on [-1, 1]^2: v(x) = A[..., :2] @ x + A[..., 2]."""
         self._check_theta(theta)
+        return self.cell_affines_unchecked(theta)
+
+    def cell_affines_unchecked(self, theta):
+        """`cell_affines` without argument checks (which synchronise with the GPU): for inner loops."""
         basis = self.basis.to(device=theta.device, dtype=theta.dtype)
         if basis.is_inference() and not torch.is_inference_mode_enabled():
             basis = basis.clone()  # a module built under inference_mode, used with autograd (fit)
@@ -117,8 +121,7 @@ class CPAB(nn.Module):
 
     def transform_unchecked(self, points, theta):
         """`transform` without argument checks (which synchronise with the GPU): for inner loops (fits)."""
-        affines = (theta @ self.basis.to(device=theta.device, dtype=theta.dtype).T).view(
-            theta.shape[0], self.n_cells, 2, 3)
+        affines = self.cell_affines_unchecked(theta)
         return integrate(points, affines, self.nx, self.ny, steps=self.steps, refine=self.refine,
                          max_crossings=self.max_crossings, backend=self.backend)
 
@@ -156,6 +159,8 @@ class CPAB(nn.Module):
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
             raise ValueError(f"iterations must be a non-negative int, got {iterations!r}")
         if method == "adam":
+            if x.is_cuda and resolve_backend(self.backend, x.device) == "triton":
+                return adam_fit_cuda_graph(self, x, y, iterations=iterations, lr=lr, theta_init=theta_init)
             return fit_adam(self, x, y, iterations=iterations, lr=lr, theta_init=theta_init)
         if method == "gauss_newton":
             return fit_gauss_newton(self, x, y, iterations=iterations, damping=damping)
