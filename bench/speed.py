@@ -151,11 +151,11 @@ class Encoders:
 
     def __init__(self, config, size, device):
         tp = config["train_params"]
-        files = resolve_pretrained_files(tp)
-        full = size["encoders"] == "full"
         self.size = size
         self.device = device
-        if full:
+        self.num_keypoints = 5 * config["model_params"]["common_params"]["num_cpab"]
+        if size["encoders"] == "full":
+            files = resolve_pretrained_files(tp)  # local weight files if present, else random (allowed)
             self.vgg = build_vgg19_features(files.get("vgg19"))
             self.sam = build_sam_image_encoder(tp["pretrained"]["sam_model_type"], files.get("sam_checkpoint"))
             self.dino = build_dino_vitb8(files.get("dino_vitb8"))
@@ -188,7 +188,8 @@ class Encoders:
 
     def sam_loss(self, input_size, dtype, every_n_steps=1, native=False):
         encoder = self.sam_encoder(dtype, input_size if native else None)
-        return KeypointSemanticLoss(encoder, input_size=input_size, dtype=dtype, every_n_steps=every_n_steps)
+        return KeypointSemanticLoss(encoder, input_size=input_size, dtype=dtype,
+                                    every_n_steps=every_n_steps).to(self.device)
 
     def structure_loss(self, dtype):
         if dtype not in self._dino:
@@ -385,7 +386,7 @@ def time_sam(encoders, size, device, input_size, dtype, native):
     loss_fn = encoders.sam_loss(input_size, dtype, native=native)
     x = inputs(size["batch"], size["image"], device, False, seed=4)
     generator = torch.Generator().manual_seed(5)
-    num_kp = 5 * 10
+    num_kp = encoders.num_keypoints
     kp_s = (torch.rand(size["batch"], num_kp, 2, generator=generator) * 2 - 1).to(device).requires_grad_()
     kp_d = (torch.rand(size["batch"], num_kp, 2, generator=generator) * 2 - 1).to(device).requires_grad_()
 
@@ -526,8 +527,8 @@ def main(argv=None):
     print(f"sizes: {size['label']}")
     print(f"config: {args.config} with overrides {base['overrides']}")
     print("rows: " + "; ".join(f"{row}: {list(overrides)}" for row, overrides in MOTIONS))
-    print(f"timing: median of {size['repeats']} repeats after {size['warmup']} warm-up (64-frame batch: half the "
-          f"repeats), training at epoch bg_start={tp['bg_start']}, random weights and inputs")
+    print(f"timing: median of {size['repeats']} repeats after {size['warmup']} warm-up ({size['anim_batch']}-frame "
+          f"batch: half the repeats), training at epoch bg_start={tp['bg_start']}, random weights and inputs")
     sys.stdout.flush()
 
     encoders = Encoders(config, size, device)
