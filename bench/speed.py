@@ -17,9 +17,11 @@ second for one batch of 64 driving frames; (c) peak GPU memory (CUDA only).
 Every CPAB row shows its ratio to the TPS row measured with the same switches (time ratios: 1.10
 means 10% slower than TPS). Switch rows, each next to the full-fidelity one: bf16 autocast
 (``train_params.amp``), ``train_params.channels_last``, both; for the frozen encoders: SAM at a reduced
-input size, SAM / DINO in bf16 (``sam_params.dtype``, ``structure_params.dtype``), SAM every N steps
-(``sam_params.every_n_steps``, the cost amortised over a cycle of N real steps); and the full loss set
-with every switch on.
+input size (``sam_params.input_size``, which today is zero-padded to the encoder's own size, so a row
+with a random encoder built at the reduced size shows what a native reduced encoder would cost), SAM /
+DINO in bf16 (``sam_params.dtype``, ``structure_params.dtype``), SAM every N steps
+(``sam_params.every_n_steps``: cost / N in the encoder table); and the full loss set with every switch
+on, timed over cycles of N real training steps.
 
 Weights are random (``train_params.pretrained.allow_random_weights: true``; speed does not depend on
 them), inputs are random tensors, no data set is read. Times are the median of the timed repeats after
@@ -27,9 +29,9 @@ the warm-up ones, with ``torch.cuda.synchronize()`` before and after each repeat
 fails prints ``failed: <error>`` and the run goes on.
 
 On CPU the sizes are REDUCED (printed in the header: 64x64 inputs, batch 2, narrower networks, 10 fit
-iterations, small SAM / DINO / VGG stand-ins of the same classes) and the bf16 and channels_last rows are skipped unless
-``--cpu-switches`` (bf16 convolutions are emulated on CPUs without bf16 units, and CPU memory formats
-say nothing about a GPU).
+iterations, small SAM / DINO / VGG stand-ins of the same classes) and the bf16 and channels_last rows
+are skipped unless ``--cpu-switches`` (bf16 convolutions are emulated on CPUs without bf16 units, and
+CPU memory formats say nothing about a GPU).
 On a shared CPU pass ``--threads 1``: oversubscribed OpenMP threads spin and slow everything tenfold.
 """
 import argparse
