@@ -77,7 +77,8 @@ REDUCED_OVERRIDES = (
     "train_params.scales=[1, 0.5, 0.25]",
     "model_params.generator_params.block_expansion=16", "model_params.generator_params.max_features=128",
     "model_params.dense_motion_params.block_expansion=16", "model_params.dense_motion_params.max_features=128",
-    "model_params.dense_motion_params.num_blocks=3", "model_params.dense_motion_params.max_iter=10", "model_params.dense_motion_params.gn_iter=5",
+    "model_params.dense_motion_params.num_blocks=3", "model_params.dense_motion_params.max_iter=10",
+    "model_params.dense_motion_params.gn_iter=5",
 )
 QUICK_OVERRIDES = (
     "model_params.common_params.num_cpab=2", "train_params.scales=[1, 0.5]",
@@ -103,8 +104,9 @@ def sizes(quick, on_cuda):
                     image=256, batch=8, anim_batch=64, warmup=3, repeats=10, encoders="full", sam_full=1024,
                     sam_reduced=512, vgg_width=1, sam_every=4, cycle_warmup=1, cycle_repeats=3)
     return dict(label="REDUCED for CPU (64x64 inputs, training batch 2 instead of 8, animation batch 8 instead of "
-                      "64, perceptual pyramid 1, 1/2, 1/4, narrower hourglass (3 blocks) and generator, 10 Adam / 5 Gauss-Newton fit iterations, VGG-19 layout "
-                      "with 1/4 channels, SAM / DINO stand-ins: 2-block ViTs at 128 / 56 px)",
+                      "64, perceptual pyramid 1, 1/2, 1/4, narrower hourglass (3 blocks) and generator, 10 Adam / "
+                      "5 Gauss-Newton fit iterations, VGG-19 layout with 1/4 channels, SAM / DINO stand-ins: 2-block "
+                      "ViTs at 128 / 56 px)",
                 overrides=REDUCED_OVERRIDES, image=64, batch=2, anim_batch=8, warmup=1, repeats=2, encoders="small",
                 sam_full=128, sam_reduced=64, vgg_width=4, sam_every=2, cycle_warmup=0, cycle_repeats=1)
 
