@@ -125,9 +125,18 @@ class CPAB(nn.Module):
         return integrate(points, affines, self.nx, self.ny, steps=self.steps, refine=self.refine,
                          max_crossings=self.max_crossings, backend=self.backend)
 
-    def grid(self, theta, size):
-        """Sampling grid (B, H, W, 2) = transform of the identity grid (align_corners=True), for grid_sample."""
-        self._check_theta(theta)
+    def grid(self, theta, size, check=True):
+        """Sampling grid (B, H, W, 2) = transform of the identity grid (align_corners=True), for grid_sample.
+
+        check=False skips the finiteness check of theta (a host synchronisation on the GPU); shapes and
+        types are still checked.
+        """
+        if check:
+            self._check_theta(theta)
+        else:
+            _check_float("theta", theta)
+            if theta.dim() != 2 or theta.shape[1] != self.dim:
+                raise ValueError(f"theta must have shape (B, {self.dim}), got {tuple(theta.shape)}")
         if (not isinstance(size, (tuple, list)) or len(size) != 2
                 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
             raise ValueError(f"size must be a pair of positive ints (H, W), got {size!r}")
@@ -136,10 +145,12 @@ class CPAB(nn.Module):
         xs = torch.linspace(-1.0, 1.0, W, dtype=theta.dtype, device=theta.device)
         identity = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(1, H * W, 2)
         points = identity.expand(theta.shape[0], -1, -1)
-        return self.transform(points, theta).view(theta.shape[0], H, W, 2)
+        if theta.shape[0] == 0:
+            return points.clone().view(0, H, W, 2)
+        return self.transform_unchecked(points, theta).view(theta.shape[0], H, W, 2)
 
     # ---------------------------------------------------------------- inference
-    def fit(self, x, y, method="adam", iterations=None, lr=1e-2, theta_init=1e-6, damping=1e-4):
+    def fit(self, x, y, method="adam", iterations=None, lr=1e-2, theta_init=1e-6, damping=1e-4, check=True):
         """theta (B, d), detached, such that transform(x, theta) ~= y for keypoints x, y (B, N, 2).
 
         method "adam" (the official procedure, see `cpab.fit.fit_adam`): theta starts at `theta_init`
@@ -147,9 +158,15 @@ class CPAB(nn.Module):
         of all the batch's residuals. method "gauss_newton" (`cpab.fit.fit_gauss_newton`): per
         transform, minimises |transform(x) - y|^2 + damping |theta|^2 with `iterations` (default 10)
         Gauss-Newton steps from the linearised closed form. Works under no_grad / inference_mode.
+        check=False skips the finiteness checks of x and y (host synchronisations on the GPU).
         """
-        self._check_points("x", x)
-        self._check_points("y", y)
+        for name, points in (("x", x), ("y", y)):
+            if check:
+                self._check_points(name, points)
+            else:
+                _check_float(name, points)
+                if points.dim() != 3 or points.shape[2] != 2:
+                    raise ValueError(f"{name} must have shape (B, N, 2), got {tuple(points.shape)}")
         if x.shape != y.shape:
             raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
         if x.dtype != y.dtype:

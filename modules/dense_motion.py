@@ -130,8 +130,10 @@ class DenseMotionNetwork(nn.Module):
         if self.fit_method == "gauss_newton":
             iterations = self.gn_iter
         # cpab's fits run under no_grad / inference_mode too (they clone into normal tensors).
+        # check=False: no finiteness checks (host syncs on the GPU); non-finite keypoints surface as a
+        # non-finite loss, which training reports.
         return transform.fit(x, y, method=self.fit_method, iterations=iterations, lr=self.fit_lr,
-                             theta_init=self.theta_init, damping=self.gn_damping)
+                             theta_init=self.theta_init, damping=self.gn_damping, check=False)
 
     def create_transformations(self, size, kp_driving, kp_source, bg_param):
         """(B, num_warps, h, w, 2) driving->source grids: [background, K partial, (global)]."""
@@ -147,9 +149,9 @@ class DenseMotionNetwork(nn.Module):
             return torch.cat([background, partial], dim=1)
 
         theta_partial, theta_global = self.fit_cpab(kp_driving, kp_source)
-        warps = [background, self.partial_cpab.grid(theta_partial, size=size).view(bs, self.num_cpab, h, w, 2)]
+        warps = [background, self.partial_cpab.grid(theta_partial, size=size, check=False).view(bs, self.num_cpab, h, w, 2)]
         if theta_global is not None:
-            warps.append(self.global_cpab_transform.grid(theta_global, size=size)[:, None])
+            warps.append(self.global_cpab_transform.grid(theta_global, size=size, check=False)[:, None])
         return torch.cat(warps, dim=1)
 
     def fit_cpab(self, kp_driving, kp_source):
@@ -215,7 +217,12 @@ class DenseMotionNetwork(nn.Module):
         kp_d, kp_s = kp_driving["fg_kp"], kp_source["fg_kp"]
 
         heatmap = self.create_heatmap_representations((h, w), kp_d, kp_s)
-        transformations = self.create_transformations((h, w), kp_d, kp_s, bg_param)
+        # The keypoint fits and the warps are geometry: they run in (at least) float32 with autocast off,
+        # so bf16 autocast (train_params.amp) never reaches the solves, the fits or the CPAB integrator.
+        geometry = torch.promote_types(kp_d.dtype, torch.float32)
+        with torch.autocast(device_type=kp_d.device.type, enabled=False):
+            transformations = self.create_transformations(
+                (h, w), kp_d.to(geometry), kp_s.to(geometry), None if bg_param is None else bg_param.to(geometry))
         deformed_source = self.create_deformed_source_image(source_image, transformations)
         prediction = self.hourglass(torch.cat([heatmap, deformed_source.reshape(bs, -1, h, w)], dim=1))
 
