@@ -5,17 +5,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.modeling.image_encoder import get_rel_pos
 
 import losses.keypoint_semantic as ks
-from losses.keypoint_semantic import KeypointSemanticLoss, build_sam_image_encoder
+from losses.keypoint_semantic import (KeypointSemanticLoss, adapt_image_encoder_state_dict, build_sam_image_encoder,
+                                      resize_image_encoder)
 
 MEAN = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
 STD = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
 
 
-def tiny_encoder():
-    return ImageEncoderViT(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2, out_chans=8,
-                           use_rel_pos=True, window_size=2, global_attn_indexes=(1,))
+def tiny_encoder(img_size=32, window_size=2, randomise_positions=False):
+    """Tiny real SAM encoder (patch 8); block 1 global. randomise_positions: non-zero pos_embed and
+    rel_pos tables (SAM initialises them to zero)."""
+    encoder = ImageEncoderViT(img_size=img_size, patch_size=8, embed_dim=16, depth=2, num_heads=2, out_chans=8,
+                              use_rel_pos=True, window_size=window_size, global_attn_indexes=(1,))
+    if randomise_positions:
+        with torch.no_grad():
+            for name, parameter in encoder.named_parameters():
+                if name == "pos_embed" or "rel_pos" in name:
+                    parameter.normal_()
+    return encoder
 
 
 def features_by_hand(encoder, image, kps, size):
@@ -44,16 +54,17 @@ def features_by_hand(encoder, image, kps, size):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("height, width", [(24, 24), (20, 28)])
-def test_loss_matches_hand_computation(height, width):
-    encoder = tiny_encoder()
-    loss = KeypointSemanticLoss(encoder, input_size=32)
+@pytest.mark.parametrize("height, width, input_size", [(24, 24, 32), (20, 28, 32), (20, 28, 16)])
+def test_loss_matches_hand_computation(height, width, input_size):
+    loss = KeypointSemanticLoss(tiny_encoder(randomise_positions=True), input_size=input_size)
+    encoder = loss.encoder
+    assert encoder.img_size == input_size
     src, drv = torch.rand(2, 3, height, width), torch.rand(2, 3, height, width)
     kp_s, kp_d = torch.rand(2, 6, 2) * 1.8 - 0.9, torch.rand(2, 6, 2) * 1.8 - 0.9
     expected = []
     for b in range(2):
-        fs = features_by_hand(encoder, src[b], kp_s[b], 32)
-        fd = features_by_hand(encoder, drv[b], kp_d[b], 32)
+        fs = features_by_hand(encoder, src[b], kp_s[b], input_size)
+        fd = features_by_hand(encoder, drv[b], kp_d[b], input_size)
         expected.append(1 - (fs * fd).sum(-1) / (fs.norm(dim=-1) * fd.norm(dim=-1)))
     value = loss(src, drv, kp_s, kp_d)
     torch.testing.assert_close(value, torch.cat(expected).mean(), atol=1e-5, rtol=1e-5)
@@ -66,8 +77,9 @@ def test_identical_inputs_give_zero():
     assert abs(loss(img, img, kp, kp).item()) < 1e-6
 
 
-def test_gradient_reaches_keypoints_only():
-    loss = KeypointSemanticLoss(tiny_encoder(), input_size=32)
+@pytest.mark.parametrize("input_size", [32, 16])
+def test_gradient_reaches_keypoints_only(input_size):
+    loss = KeypointSemanticLoss(tiny_encoder(), input_size=input_size)
     src = torch.rand(2, 3, 16, 16, requires_grad=True)
     drv = torch.rand(2, 3, 16, 16, requires_grad=True)
     kp_s = (torch.rand(2, 5, 2) * 2 - 1).requires_grad_()
@@ -83,15 +95,79 @@ def test_every_n_steps_and_argument_checks():
     assert [loss.active(s) for s in range(5)] == [True, False, False, True, False]
     with pytest.raises(ValueError, match="input_size"):
         KeypointSemanticLoss(tiny_encoder(), input_size=64)
+    for bad in (12, 0, 16.0):
+        with pytest.raises(ValueError, match="train_params.sam_params.input_size must be a positive multiple of 8"):
+            KeypointSemanticLoss(tiny_encoder(), input_size=bad)
     with pytest.raises(ValueError, match="every_n_steps"):
         KeypointSemanticLoss(tiny_encoder(), input_size=32, every_n_steps=0)
 
 
-def test_smaller_input_size_is_padded():
+def test_default_size_keeps_the_given_encoder():
+    encoder = tiny_encoder()
+    loss = KeypointSemanticLoss(encoder, input_size=32)
+    assert loss.encoder is encoder and loss.preprocess(torch.rand(1, 3, 8, 8)).shape == (1, 3, 32, 32)
+
+
+def test_smaller_input_size_is_padded_only_to_input_size():
     loss = KeypointSemanticLoss(tiny_encoder(), input_size=16)
-    x = loss.preprocess(torch.rand(1, 3, 8, 8))
-    assert x.shape == (1, 3, 32, 32)
-    assert x[..., 16:, :].abs().sum() == 0 and x[..., :16, :16].abs().sum() > 0
+    x = loss.preprocess(torch.rand(1, 3, 8, 12))
+    assert x.shape == (1, 3, 16, 16)
+    assert x[..., 11:, :].abs().sum() == 0 and x[..., :11, :].abs().min() > 0
+    assert loss.embed(torch.rand(1, 3, 8, 12)).shape == (1, 8, 2, 2)  # input_size / patch cells a side
+
+
+def test_reduced_encoder_has_reduced_position_tables():
+    full = tiny_encoder(img_size=64, window_size=3, randomise_positions=True)
+    loss = KeypointSemanticLoss(full, input_size=32)
+    reduced = loss.encoder
+    assert full.img_size == 64 and full.pos_embed.shape == (1, 8, 8, 16)  # the given encoder is untouched
+    assert reduced.img_size == 32 and reduced.pos_embed.shape == (1, 4, 4, 16)
+    assert reduced.blocks[1].window_size == 0 and reduced.blocks[0].window_size == 3
+    assert full.blocks[1].attn.rel_pos_h.shape == (15, 8)
+    assert reduced.blocks[1].attn.rel_pos_h.shape == (7, 8) and reduced.blocks[1].attn.rel_pos_w.shape == (7, 8)
+    # windowed block: window 3 at both sizes, table kept as it is
+    torch.testing.assert_close(reduced.blocks[0].attn.rel_pos_h, full.blocks[0].attn.rel_pos_h, rtol=0, atol=0)
+    assert not any(p.requires_grad for p in reduced.parameters()) and not reduced.training
+
+
+def test_pos_embed_and_rel_pos_resampling_by_hand():
+    full = tiny_encoder(img_size=64, window_size=3, randomise_positions=True)
+    reduced = resize_image_encoder(full, 32)
+    expected = F.interpolate(full.pos_embed.detach().permute(0, 3, 1, 2), size=(4, 4), mode="bicubic",
+                             align_corners=False).permute(0, 2, 3, 1)
+    torch.testing.assert_close(reduced.pos_embed, expected)
+    assert (reduced.pos_embed - full.pos_embed[:, ::2, ::2]).abs().max() > 1e-3
+    # the rel_pos tables are what SAM's own get_rel_pos makes of the full-size table on a 4 x 4 grid
+    for table in ("rel_pos_h", "rel_pos_w"):
+        original = getattr(full.blocks[1].attn, table).detach()
+        resized = getattr(reduced.blocks[1].attn, table)
+        torch.testing.assert_close(get_rel_pos(4, 4, resized), get_rel_pos(4, 4, original))
+    # hence: the reduced encoder is the full-size one run on a 32 x 32 input with only pos_embed resampled
+    swapped = tiny_encoder(img_size=64, window_size=3)
+    swapped.load_state_dict(full.state_dict())
+    swapped.pos_embed = torch.nn.Parameter(expected)
+    image = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(reduced(image), swapped(image))
+
+
+def test_full_size_checkpoint_loads_strictly_into_reduced_encoder():
+    full = tiny_encoder(img_size=64, window_size=3, randomise_positions=True)
+    reduced = tiny_encoder(img_size=32, window_size=3)
+    with pytest.raises(RuntimeError, match="size mismatch for pos_embed"):
+        reduced.load_state_dict(full.state_dict(), strict=True)
+    reduced.load_state_dict(adapt_image_encoder_state_dict(full.state_dict(), reduced), strict=True)
+    torch.testing.assert_close(reduced.neck[2].weight, full.neck[2].weight, rtol=0, atol=0)
+    torch.testing.assert_close(reduced.pos_embed, resize_image_encoder(full, 32).pos_embed)
+
+
+def test_resized_encoder_keeps_dtype():
+    full = tiny_encoder(randomise_positions=True).to(torch.bfloat16)
+    reduced = resize_image_encoder(full, 16)
+    assert all(p.dtype == torch.bfloat16 for p in reduced.parameters())
+    expected = F.interpolate(full.pos_embed.float().permute(0, 3, 1, 2), size=(2, 2), mode="bicubic",
+                             align_corners=False).permute(0, 2, 3, 1).to(torch.bfloat16)
+    torch.testing.assert_close(reduced.pos_embed, expected, rtol=0, atol=0)
 
 
 def test_bfloat16_encoder_runs():
@@ -134,10 +210,36 @@ def test_build_loads_the_whole_sam_checkpoint_strictly(tmp_path, monkeypatch):
         build_sam_image_encoder("vit_b", str(path))
 
 
+def test_build_at_reduced_input_size_adapts_the_full_size_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(ks, "sam_model_registry", {"vit_b": tiny_sam})
+    reference = tiny_sam()
+    with torch.no_grad():
+        reference.image_encoder.pos_embed.normal_()
+    path = tmp_path / "sam.pth"
+    torch.save(reference.state_dict(), path)
+    encoder = build_sam_image_encoder("vit_b", str(path), input_size=16)
+    assert encoder.img_size == 16 and encoder.pos_embed.shape == (1, 2, 2, 16)
+    torch.testing.assert_close(encoder.pos_embed, resize_image_encoder(reference.image_encoder, 16).pos_embed)
+    torch.testing.assert_close(encoder.neck[0].weight, reference.image_encoder.neck[0].weight, rtol=0, atol=0)
+    assert not any(p.requires_grad for p in encoder.parameters())
+
+
 def test_vit_b_encoder_shape():
     with torch.device("meta"):
         encoder = build_sam_image_encoder("vit_b")
     assert encoder.img_size == 1024 and encoder.neck[0].out_channels == 256 and len(encoder.blocks) == 12
+
+
+def test_vit_b_encoder_at_512_keeps_the_registry_arguments():
+    with torch.device("meta"):
+        full = build_sam_image_encoder("vit_b")
+        encoder = resize_image_encoder(full, 512)
+    assert encoder.img_size == 512 and encoder.pos_embed.shape == (1, 32, 32, 768)
+    assert [b.window_size for b in encoder.blocks] == [b.window_size for b in full.blocks]
+    assert [b.attn.rel_pos_h.shape[0] for b in encoder.blocks] == [27, 27, 63] * 4
+    assert {n: p.shape for n, p in encoder.state_dict().items() if "pos" not in n} == \
+        {n: p.shape for n, p in full.state_dict().items() if "pos" not in n}
+    assert encoder.blocks[0].norm1.eps == 1e-6 and encoder.blocks[0].attn.qkv.bias is not None
 
 
 def test_encoder_keeps_its_dtype_under_autocast():
