@@ -2,8 +2,12 @@
 import os
 import sys
 
-import pytest
-import torch
+# Tiny test shapes run fastest on one thread, and oversubscribed OpenMP threads on a shared CPU make
+# them many times slower. Set before torch is imported (subprocesses started by tests inherit it).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Without CUDA, Triton kernels run through Triton's interpreter. Triton reads this once, when it is
 # first imported (torchvision imports it), so it is set here, before any test module is collected.
