@@ -154,7 +154,6 @@ SCHEMA = Section(required=True, keys={
             "bg": Key("float", 10.0, "background cycle loss"),
             "sam": Key("float", 1.0, "SAM-guided keypoint semantic loss"),
             "structure": Key("float", 0.1, "DINO structure alignment loss"),
-            "l1": Key("float", 0.0, "pixel L1 reconstruction loss (not in the official code; 0 = off)"),
         }),
         "pretrained": Section(keys={
             "vgg19": Key("str|null", "weights/vgg19-dcbb9e9d.pth", "torchvision ImageNet VGG-19"),

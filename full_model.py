@@ -5,8 +5,7 @@ and driving D; background affine from ``bg_start``; dropout-softmax schedule; de
 inpainting; then the losses. Every loss returns an unweighted value; the weights
 ``train_params.loss_weights`` are applied here only, and a loss whose weight is 0 is neither built
 (no pretrained file looked up or loaded) nor computed. loss_dict keys: perceptual,
-equivariance_value, warp_loss, bg, sam, structure, l1 (each present only when on and computed;
-l1, a pixel loss, is not in the official code and is 0 in the released configs).
+equivariance_value, warp_loss, bg, sam, structure (each present only when on and computed).
 """
 import torch
 from torch import nn
@@ -15,12 +14,11 @@ from losses.background import background_loss
 from losses.equivariance import equivariance_loss, random_transform
 from losses.keypoint_semantic import KeypointSemanticLoss, build_sam_image_encoder
 from losses.perceptual import PerceptualLoss, build_vgg19_features
-from losses.pixel import pixel_l1_loss
 from losses.pretrained import resolve_weight_file
 from losses.structure import StructureLoss, build_dino_vitb8
 from losses.warp import warp_loss
 
-LOSS_NAMES = ("perceptual", "equivariance_value", "warp_loss", "bg", "sam", "structure", "l1")
+LOSS_NAMES = ("perceptual", "equivariance_value", "warp_loss", "bg", "sam", "structure")
 # Losses that need a pretrained file: loss name -> train_params.pretrained key.
 PRETRAINED_KEYS = {"perceptual": "vgg19", "sam": "sam_checkpoint", "structure": "dino_vitb8"}
 
@@ -62,10 +60,8 @@ def build_losses(train_params, num_channels=3):
     files = resolve_pretrained_files(train_params)
     losses = {}
     if "vgg19" in files:
-        weights = train_params["loss_weights"]["perceptual"]
-        last_used = max(i for i, w in enumerate(weights) if w != 0) + 1  # deeper VGG blocks are not run
         losses["perceptual"] = PerceptualLoss(build_vgg19_features(files["vgg19"]), scales=train_params["scales"],
-                                              num_channels=num_channels, num_layers=last_used)
+                                              num_channels=num_channels)
     if "sam_checkpoint" in files:
         sam_params = train_params["sam_params"]
         encoder = build_sam_image_encoder(train_params["pretrained"]["sam_model_type"], files["sam_checkpoint"])
@@ -169,6 +165,4 @@ class GeneratorFullModel(nn.Module):
             loss_dict["sam"] = w["sam"] * value
         if "structure" in self.enabled:
             loss_dict["structure"] = w["structure"] * self.losses["structure"](generated["prediction"], driving)
-        if "l1" in self.enabled:
-            loss_dict["l1"] = w["l1"] * pixel_l1_loss(generated["prediction"], driving)
         return loss_dict, generated

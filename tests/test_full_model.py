@@ -18,7 +18,7 @@ from losses.structure import StructureLoss
 from modules import build_networks
 
 NETWORKS = ("kp_detector", "dense_motion_network", "inpainting_network", "bg_predictor")
-ALL_OFF = dict(perceptual=[0, 0, 0, 0, 0], equivariance_value=0, warp_loss=0, bg=0, sam=0, structure=0, l1=0)
+ALL_OFF = dict(perceptual=[0, 0, 0, 0, 0], equivariance_value=0, warp_loss=0, bg=0, sam=0, structure=0)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +124,6 @@ REACHES = {
     "bg": {"bg_predictor"},
     "sam": {"kp_detector"},
     "structure": set(NETWORKS),
-    "l1": set(NETWORKS),
 }
 
 
@@ -204,20 +203,8 @@ def test_forward_backward_with_cpab_motion(fit_method, vgg_features):
     tp = config["train_params"]
     model = GeneratorFullModel(networks, tp, losses=tiny_losses(tp, vgg_features, names=("perceptual",)))
     loss_dict, generated = model(batch(), epoch=tp["bg_start"])
-    assert sorted(loss_dict) == ["bg", "equivariance_value", "l1", "perceptual", "warp_loss"]
+    assert sorted(loss_dict) == ["bg", "equivariance_value", "perceptual", "warp_loss"]
     assert generated["contribution_maps"].shape[1] == 2 + 2  # K partial warps + global + background
     sum(loss_dict.values()).backward()
     for name in NETWORKS:
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in networks[name].parameters()), name
-
-
-def test_pixel_l1_is_the_weighted_mean_absolute_error_of_the_prediction(config, networks):
-    tp = with_weights(config["train_params"], **dict(ALL_OFF, l1=3.0))
-    model = GeneratorFullModel(networks, tp, losses={})
-    x = batch()
-    loss_dict, generated = model(x, epoch=0)
-    assert sorted(loss_dict) == ["l1"]
-    expected = 3.0 * (generated["prediction"] - x["driving"]).abs().mean()
-    assert torch.allclose(loss_dict["l1"], expected)
-    loss_dict["l1"].backward()
-    assert networks["inpainting_network"].final.weight.grad.abs().sum() > 0
