@@ -60,8 +60,10 @@ def build_losses(train_params, num_channels=3):
     files = resolve_pretrained_files(train_params)
     losses = {}
     if "vgg19" in files:
+        weights = train_params["loss_weights"]["perceptual"]
+        last_used = max(i for i, w in enumerate(weights) if w != 0) + 1  # deeper VGG blocks are not run
         losses["perceptual"] = PerceptualLoss(build_vgg19_features(files["vgg19"]), scales=train_params["scales"],
-                                              num_channels=num_channels)
+                                              num_channels=num_channels, num_layers=last_used)
     if "sam_checkpoint" in files:
         sam_params = train_params["sam_params"]
         encoder = build_sam_image_encoder(train_params["pretrained"]["sam_model_type"], files["sam_checkpoint"])

@@ -50,13 +50,18 @@ class PerceptualLoss(nn.Module):
     features: the first 30 (or more) layers of ``vgg19().features`` (``build_vgg19_features``).
     forward(prediction, target) -> (5,) tensor: values[i] = sum over scales of
     mean |relu_i(prediction_s) - relu_i(target_s)|, gradient only towards ``prediction``.
+    num_layers: compute only the first ``num_layers`` relu outputs (the deeper VGG blocks are not run,
+    their values are 0): for per-layer weights whose tail is 0, which then cost nothing.
     """
 
-    def __init__(self, features, scales, num_channels=3):
+    def __init__(self, features, scales, num_channels=3, num_layers=len(VGG19_SLICES)):
         super().__init__()
         if num_channels != 3:
             raise ValueError(f"the VGG-19 perceptual loss needs 3-channel images, got num_channels={num_channels}")
-        self.slices = nn.ModuleList(nn.Sequential(*features[start:stop]) for start, stop in VGG19_SLICES)
+        if not 1 <= num_layers <= len(VGG19_SLICES):
+            raise ValueError(f"num_layers must be in 1..{len(VGG19_SLICES)}, got {num_layers}")
+        self.num_layers = num_layers
+        self.slices = nn.ModuleList(nn.Sequential(*features[start:stop]) for start, stop in VGG19_SLICES[:num_layers])
         freeze(self.slices)
         self.pyramid = ImagePyramid(scales, num_channels)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -84,4 +89,5 @@ class PerceptualLoss(nn.Module):
                 target_feats = self.vgg_features(target_s)
             pred_feats = self.vgg_features(pred_s)
             values.append(torch.stack([(p - t).abs().mean() for p, t in zip(pred_feats, target_feats)]))
-        return torch.stack(values).sum(dim=0)
+        values = torch.stack(values).sum(dim=0)
+        return torch.cat([values, values.new_zeros(len(VGG19_SLICES) - self.num_layers)])
