@@ -17,8 +17,8 @@ second for one batch of 64 driving frames; (c) peak GPU memory (CUDA only).
 Every CPAB row shows its ratio to the TPS row measured with the same switches (time ratios: 1.10
 means 10% slower than TPS). Switch rows, each next to the full-fidelity one: bf16 autocast
 (``train_params.amp``), ``train_params.channels_last``, both; for the frozen encoders: SAM at a reduced
-input size (``sam_params.input_size``, which today is zero-padded to the encoder's own size, so a row
-with a random encoder built at the reduced size shows what a native reduced encoder would cost), SAM /
+input size (``sam_params.input_size``: the loss builds the encoder natively at that size, resampling the
+checkpoint's position embeddings), SAM /
 DINO in bf16 (``sam_params.dtype``, ``structure_params.dtype``), SAM every N steps
 (``sam_params.every_n_steps``: cost / N in the encoder table); and the full loss set with every switch
 on, timed over cycles of N real training steps.
@@ -179,20 +179,15 @@ class Encoders:
         self._sam = {}
         self._dino = {}
 
-    def sam_encoder(self, dtype, native_size=None):
-        """The SAM encoder in ``dtype``; ``native_size``: a (random) encoder built for that input size."""
-        key = (dtype, native_size)
-        if key not in self._sam:
-            if native_size is None:
-                encoder = copy.deepcopy(self.sam)
-            else:
-                encoder = _sam_encoder_at(native_size, tiny=self.size["encoders"] != "full").requires_grad_(False)
-            self._sam[key] = encoder.to(device=self.device, dtype=dtype)
-        return self._sam[key]
+    def sam_encoder(self, dtype):
+        """The SAM encoder in ``dtype`` (one copy per dtype)."""
+        if dtype not in self._sam:
+            self._sam[dtype] = copy.deepcopy(self.sam).to(device=self.device, dtype=dtype)
+        return self._sam[dtype]
 
-    def sam_loss(self, input_size, dtype, every_n_steps=1, native=False):
-        encoder = self.sam_encoder(dtype, input_size if native else None)
-        return KeypointSemanticLoss(encoder, input_size=input_size, dtype=dtype,
+    def sam_loss(self, input_size, dtype, every_n_steps=1):
+        """The SAM loss at ``input_size`` (a reduced size builds its own encoder, as training does)."""
+        return KeypointSemanticLoss(self.sam_encoder(dtype), input_size=input_size, dtype=dtype,
                                     every_n_steps=every_n_steps).to(self.device)
 
     def structure_loss(self, dtype):
@@ -385,9 +380,9 @@ def full_loss_rows(networks, config, encoders, size, device, run_switches, every
     }
 
 
-def time_sam(encoders, size, device, input_size, dtype, native):
+def time_sam(encoders, size, device, input_size, dtype):
     """Seconds of the SAM loss alone on the 2 x batch frames of a step (forward + backward to the keypoints)."""
-    loss_fn = encoders.sam_loss(input_size, dtype, native=native)
+    loss_fn = encoders.sam_loss(input_size, dtype)
     x = inputs(size["batch"], size["image"], device, False, seed=4)
     generator = torch.Generator().manual_seed(5)
     num_kp = encoders.num_keypoints
@@ -453,17 +448,16 @@ def failures(rows_by_name):
 def frozen_rows(encoders, size, device, run_bf16, every):
     """SAM / DINO loss timings alone ({row: (seconds, peak) or text}) and the faithful SAM row's name."""
     full_px, reduced_px = size["sam_full"], size["sam_reduced"]
-    sam_rows = [(f"sam fp32 @{full_px} (faithful)", full_px, torch.float32, False),
-                (f"sam bf16 @{full_px}", full_px, torch.bfloat16, False),
-                (f"sam fp32 @{reduced_px} padded to {full_px}", reduced_px, torch.float32, False),
-                (f"sam bf16 @{reduced_px} padded to {full_px}", reduced_px, torch.bfloat16, False),
-                (f"sam bf16 @{reduced_px} native encoder", reduced_px, torch.bfloat16, True)]
+    sam_rows = [(f"sam fp32 @{full_px} (faithful)", full_px, torch.float32),
+                (f"sam bf16 @{full_px}", full_px, torch.bfloat16),
+                (f"sam fp32 @{reduced_px}", reduced_px, torch.float32),
+                (f"sam bf16 @{reduced_px}", reduced_px, torch.bfloat16)]
     frozen = {}
-    for row, input_size, dtype, native in sam_rows:
+    for row, input_size, dtype in sam_rows:
         if dtype == torch.bfloat16 and not run_bf16:
             frozen[row] = SKIPPED_BF16
             continue
-        frozen[row] = guarded(lambda: time_sam(encoders, size, device, input_size, dtype, native))
+        frozen[row] = guarded(lambda: time_sam(encoders, size, device, input_size, dtype))
     source = sam_rows[3][0] if run_bf16 else sam_rows[2][0]
     amortised = frozen[source]
     frozen[f"sam every {every} steps ({source.split(' ', 1)[1]}), amortised"] = (
