@@ -9,6 +9,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 # Without CUDA, Triton kernels run through Triton's interpreter. Triton reads this once, when it is
 # first imported (torchvision imports it), so it is set here, before any test module is collected.
 if not torch.cuda.is_available():

@@ -95,15 +95,6 @@ def write_tiny_assets(folder):
     return paths
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny shapes gain nothing from intra-op threads; on a busy 2-core machine one thread is ~10x faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     return write_tiny_assets(tmp_path_factory.mktemp("demo"))

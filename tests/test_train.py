@@ -69,15 +69,6 @@ def only_run_dir(log_dir):
     return runs[0]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: these tiny networks gain nothing from more, and the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One tiny training run (2 epochs of 1 step, evaluation after training): (overrides, run dir)."""

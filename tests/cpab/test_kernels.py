@@ -170,8 +170,8 @@ def test_cuda_kernel_equals_reference():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_auto_backend_is_the_kernel_and_grid_matches():
-    reference = CPAB((4, 4), backend="reference").cuda()
-    auto = CPAB((4, 4)).cuda()
+    reference = CPAB((4, 4), backend="reference").to("cuda")
+    auto = CPAB((4, 4)).to("cuda")
     theta = torch.randn(88, reference.dim, device="cuda")
     assert kernels.resolve_backend("auto", theta.device) == "triton"
     _assert_close(auto.grid(theta, (64, 64)), reference.grid(theta, (64, 64)), 1e-5)
@@ -222,14 +222,14 @@ def test_transform_jacobian_through_the_kernel_equals_reference():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_adam_fit_and_jacobian_match_eager():
-    model = CPAB((4, 4)).cuda()
-    x = (1.6 * torch.rand(80, 5, 2) - 0.8).cuda()
+    model = CPAB((4, 4)).to("cuda")
+    x = (1.6 * torch.rand(80, 5, 2) - 0.8).to("cuda")
     y = model.transform(x, 0.5 * torch.randn(80, model.dim, device="cuda"))
     graphed = kernels.adam_fit_cuda_graph(model, x, y, iterations=20, lr=1e-2, theta_init=1e-6)
     eager = model.fit(x, y, method="adam", iterations=20)
     _assert_close(graphed, eager, 1e-4)
     out, jac = kernels.transform_jacobian(model, x[:4], graphed[:4])
-    reference = CPAB((4, 4), backend="reference").cuda()
+    reference = CPAB((4, 4), backend="reference").to("cuda")
     ref_out, ref_jac = kernels.transform_jacobian(reference, x[:4], graphed[:4])
     _assert_close(out, ref_out, 1e-5)
     _assert_close(jac, ref_jac, 1e-4)

@@ -178,10 +178,10 @@ def test_invalid_arguments(make_dense_motion):
 @pytest.mark.gpu
 def test_dense_motion_on_cuda(make_dense_motion, make_keypoints, images):
     cpu = make_dense_motion(max_iter=1, fit_method="gauss_newton", gn_iter=2)
-    gpu = make_dense_motion(max_iter=1, fit_method="gauss_newton", gn_iter=2).cuda()
+    gpu = make_dense_motion(max_iter=1, fit_method="gauss_newton", gn_iter=2).to("cuda")
     gpu.load_state_dict(cpu.state_dict())
     kp_d, kp_s = make_keypoints(seed=1), make_keypoints(seed=2)
-    out = gpu(images[0].cuda(), _kp(kp_d.cuda()), _kp(kp_s.cuda()))
+    out = gpu(images[0].to("cuda"), _kp(kp_d.to("cuda")), _kp(kp_s.to("cuda")))
     assert out["deformation"].is_cuda
     expected = cpu(images[0], _kp(kp_d), _kp(kp_s))["deformation"]
     assert torch.allclose(out["deformation"].cpu(), expected, atol=1e-3)
