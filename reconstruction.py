@@ -100,3 +100,15 @@ def reconstruction(config, networks, dataset, out_dir, device, progress=True):
           f"{metrics['baseline_l1']:.4f}) over {len(per_video)} videos, {total_frames} frames; "
           f"metrics in {os.path.join(out_dir, 'metrics.json')}")
     return metrics
+
+
+def evaluate_test_split(config, networks, run_dir, device, dist):
+    """Reconstruct the config's test split on the main rank (the others wait): its metrics, None elsewhere."""
+    from frames_dataset import dataset_from_config
+
+    metrics = None
+    if dist.is_main:
+        dataset = dataset_from_config(config["dataset_params"], is_train=False)
+        metrics = reconstruction(config, networks, dataset, run_dir, device)
+    dist.barrier()
+    return metrics

@@ -103,17 +103,6 @@ def prepare_run_dir(args, config, dist, resume_dir=None):
     return _broadcast(run_dir, dist)
 
 
-def build(config, device):
-    """Networks on ``device`` (modules.build_networks)."""
-    from modules import build_networks
-
-    networks = build_networks(config)
-    for network in networks.values():
-        if network is not None:
-            network.to(device)
-    return networks
-
-
 def execute(args, dist, device, created):
     """Run one mode; returns the metrics dict of a reconstruction, else None.
 
@@ -142,7 +131,9 @@ def execute(args, dist, device, created):
                                                             and "optimizer_avd" in checkpoint)):
         resume_dir = os.path.dirname(os.path.abspath(args.checkpoint))
     torch.manual_seed(seed)
-    networks = build(config, device)
+    from modules import build_networks
+
+    networks = build_networks(config, device)
     run_dir = prepare_run_dir(args, config, dist, resume_dir)
     if resume_dir is None:
         created.append(run_dir)
@@ -159,17 +150,11 @@ def execute(args, dist, device, created):
 
         return train_avd(config, networks, run_dir, device, dist=dist, seed=seed, checkpoint=checkpoint,
                          checkpoint_path=args.checkpoint)
-    from frames_dataset import dataset_from_config
-    from reconstruction import reconstruction
+    from reconstruction import evaluate_test_split
     from train import MAIN_NETWORKS, load_network_states
 
     load_network_states(networks, checkpoint, args.checkpoint, MAIN_NETWORKS)
-    metrics = None
-    if dist.is_main:
-        dataset = dataset_from_config(config["dataset_params"], is_train=False)
-        metrics = reconstruction(config, networks, dataset, run_dir, device)
-    dist.barrier()
-    return metrics
+    return evaluate_test_split(config, networks, run_dir, device, dist)
 
 
 def main(argv=None):

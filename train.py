@@ -348,15 +348,9 @@ def train(config, networks, run_dir, device, dist=Distributed(), seed=0, checkpo
 
     if not params["evaluate_after_training"]:
         return None
-    metrics = None
-    if dist.is_main:
-        from frames_dataset import dataset_from_config
-        from reconstruction import reconstruction
+    from reconstruction import evaluate_test_split
 
-        test_set = dataset_from_config(config["dataset_params"], is_train=False)
-        metrics = reconstruction(config, networks, test_set, run_dir, device)
-    dist.barrier()
-    return metrics
+    return evaluate_test_split(config, networks, run_dir, device, dist)
 
 
 def random_scale(keypoints, scale, generator=None):

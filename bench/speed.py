@@ -210,15 +210,6 @@ def load(config_path, overrides):
     return load_config(config_path, overrides=list(overrides))
 
 
-def build_device_networks(config, device):
-    """``modules.build_networks(config)`` on ``device``; one set per motion row, reused by its switch rows."""
-    networks = build_networks(config)
-    for network in networks.values():
-        if network is not None:
-            network.to(device)
-    return networks
-
-
 def set_memory_format(networks, channels_last):
     """``train_params.channels_last`` as ``train.train`` applies it: the main networks' 4-D weights in
     channels_last (or back to contiguous when off)."""
@@ -535,7 +526,7 @@ def main(argv=None):
     results, full_set = {}, {}
     for motion, overrides in MOTIONS:
         motion_config = load(base["path"], base["overrides"] + list(overrides))
-        networks = build_device_networks(motion_config, device)
+        networks = build_networks(motion_config, device)
         for switch_name, switch in SWITCHES:
             row = f"{motion} {switch_name}"
             if switch_name != "fp32" and not run_switches:

@@ -10,11 +10,11 @@ __all__ = ["AVDNetwork", "BGMotionPredictor", "DenseMotionNetwork", "InpaintingN
            "build_networks"]
 
 
-def build_networks(config):
+def build_networks(config, device=None):
     """Build every network from the full config dict (``load_config`` output; all keys present).
 
     Returns {'kp_detector', 'dense_motion_network', 'inpainting_network', 'bg_predictor' (None when
-    model_params.common_params.bg is false), 'avd_network'}, all on the CPU in float32.
+    model_params.common_params.bg is false), 'avd_network'}, in float32, on ``device`` (default: CPU).
     """
     model = config["model_params"]
     common = model["common_params"]
@@ -22,7 +22,7 @@ def build_networks(config):
     dm = model["dense_motion_params"]
     avd = model["avd_network_params"]
     num_cpab = common["num_cpab"]
-    return {
+    networks = {
         "kp_detector": KPDetector(num_cpab=num_cpab),
         "dense_motion_network": DenseMotionNetwork(
             block_expansion=dm["block_expansion"], num_blocks=dm["num_blocks"],
@@ -43,3 +43,8 @@ def build_networks(config):
         "avd_network": AVDNetwork(num_cpab=num_cpab, id_bottle_size=avd["id_bottle_size"],
                                   pose_bottle_size=avd["pose_bottle_size"]),
     }
+    if device is not None:
+        for network in networks.values():
+            if network is not None:
+                network.to(device)
+    return networks

@@ -45,7 +45,7 @@ def test_quick_run_prints_every_row_with_finite_ratios(tmp_path, capsys, one_thr
 def test_channels_last_switch_changes_memory_format_not_outputs():
     config = speed.load(speed.CONFIG, list(speed.BASE_OVERRIDES) + list(speed.QUICK_OVERRIDES)
                         + ["model_params.dense_motion_params.motion=tps"])
-    networks = speed.build_device_networks(config, torch.device("cpu"))
+    networks = speed.build_networks(config, torch.device("cpu"))
     for network in networks.values():
         if network is not None:
             network.eval()
@@ -69,7 +69,7 @@ def test_amp_training_step_runs_with_the_warps_in_float32(motion):
     """Under bf16 autocast the keypoint solves and fits stay float32 (they have no bf16 kernels)."""
     config = speed.load(speed.CONFIG, list(speed.BASE_OVERRIDES) + list(speed.QUICK_OVERRIDES)
                         + ["model_params.dense_motion_params." + motion, "train_params.amp=true"])
-    networks = speed.build_device_networks(config, torch.device("cpu"))
+    networks = speed.build_networks(config, torch.device("cpu"))
     encoders = speed.Encoders(config, speed.sizes(True, False), torch.device("cpu"))
     plain = speed.with_losses(config)
     step = speed.build_trainer(networks, plain, encoders.losses(plain["train_params"]))
