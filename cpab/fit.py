@@ -55,6 +55,26 @@ def _solve(JtJ, rhs, shift):
     return solution.squeeze(-1)
 
 
+def _cell_basis(model, like):
+    """The per-cell parameter basis (nC, 6, d): affines[b] = (cell_basis @ theta[b]).view(nC, 2, 3)."""
+    return model.basis.to(dtype=like.dtype, device=like.device).view(model.n_cells, 6, model.dim)
+
+
+def transform_and_jacobian(model, x, theta, cell_basis=None):
+    """(out (B, N, 2), jac (B, N, 2, d)) = (transform(x, theta), its Jacobian in theta), no autograd
+    graph kept. Triton backend: the kernel's exact adjoint Jacobian with no host synchronisation;
+    reference: the sensitivity `integrate_table` propagates along the path (a few percent accurate)."""
+    if resolve_backend(model.backend, x.device) == "triton":
+        return transform_jacobian(model, x, theta)
+    if cell_basis is None:
+        cell_basis = _cell_basis(model, x)
+    with torch.no_grad():
+        affines = model.cell_affines_unchecked(theta)
+        table = flow_table(affines, model.steps, model.refine)
+        return integrate_table(x, table, affines, model.nx, model.ny, model.steps, model.refine,
+                               model.max_crossings, cell_basis=cell_basis)
+
+
 def fit_gauss_newton(model, x, y, iterations, damping):
     """Per transform b: minimise |transform(x_b, theta) - y_b|^2 + damping |theta|^2 (Levenberg-Marquardt).
 
@@ -69,25 +89,13 @@ def fit_gauss_newton(model, x, y, iterations, damping):
         x, y = _clone_inputs(x, y)
         B, N = x.shape[:2]
         d = model.dim
-        cell_basis = model.basis.to(dtype=x.dtype, device=x.device).view(model.n_cells, 6, d)
+        cell_basis = _cell_basis(model, x)
         lam = torch.full((B,), float(damping), dtype=x.dtype, device=x.device)
 
-        exact_jacobian = resolve_backend(model.backend, x.device) == "triton"
-
         def evaluate(theta):
-            if exact_jacobian:  # the GPU kernel's adjoint: exact Jacobian, no host synchronisation
-                out, jac = transform_jacobian(model, x, theta)
-                residual = (out - y).reshape(B, 2 * N)
-                jac = jac.reshape(B, 2 * N, d)
-                return residual, jac, (residual ** 2).sum(1) + lam * (theta ** 2).sum(1)
-            affines = model.cell_affines_unchecked(theta)
-            table = flow_table(affines, model.steps, model.refine)
-            out, jac = integrate_table(x, table, affines, model.nx, model.ny, model.steps, model.refine,
-                                       model.max_crossings, cell_basis=cell_basis)
+            out, jac = transform_and_jacobian(model, x, theta, cell_basis)
             residual = (out - y).reshape(B, 2 * N)
-            jac = jac.reshape(B, 2 * N, d)
-            objective = (residual ** 2).sum(1) + lam * (theta ** 2).sum(1)
-            return residual, jac, objective
+            return residual, jac.reshape(B, 2 * N, d), (residual ** 2).sum(1) + lam * (theta ** 2).sum(1)
 
         _, G, _ = evaluate(torch.zeros(B, d, dtype=x.dtype, device=x.device))  # at theta = 0, J = G(x)
         theta = _solve(G.transpose(1, 2) @ G, (G.transpose(1, 2) @ (y - x).reshape(B, 2 * N, 1)).squeeze(-1), lam)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .basis import null_space_basis
-from .fit import fit_adam, fit_gauss_newton
+from .fit import fit_adam, fit_gauss_newton, transform_and_jacobian
 from .integrate import velocity
 from .kernels import BACKENDS, adam_fit_cuda_graph, integrate, resolve_backend
 
@@ -124,6 +124,16 @@ class CPAB(nn.Module):
         affines = self.cell_affines_unchecked(theta)
         return integrate(points, affines, self.nx, self.ny, steps=self.steps, refine=self.refine,
                          max_crossings=self.max_crossings, backend=self.backend)
+
+    def transform_jacobian(self, points, theta):
+        """(transform(points, theta), d transform / d theta): (B, N, 2) and (B, N, 2, d), detached.
+
+        CUDA (Triton backend): the exact Jacobian of the discrete integrator from one adjoint pass.
+        Reference backend: the sensitivity propagated along each path (`cpab.integrate.integrate_table`),
+        accurate to a few percent; no autograd either way, so it is cheap on a CPU as well.
+        """
+        self._check_pair(points, theta)
+        return transform_and_jacobian(self, points.detach(), theta.detach())
 
     def grid(self, theta, size, check=True):
         """Sampling grid (B, H, W, 2) = transform of the identity grid (align_corners=True), for grid_sample.

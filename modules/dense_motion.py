@@ -182,12 +182,8 @@ class DenseMotionNetwork(nn.Module):
         if not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)):
             return theta
         bs, n, _ = x.shape
-        with torch.enable_grad():
-            theta_var = theta.detach().requires_grad_()
-            residual = transform.transform(x.detach(), theta_var).reshape(bs, 2 * n)
-            rows = [torch.autograd.grad(residual[:, i].sum(), theta_var, retain_graph=i < 2 * n - 1)[0]
-                    for i in range(2 * n)]
-        jac = torch.stack(rows, dim=1)
+        # d T(x) / d theta without autograd (the integrator's sensitivity on a CPU, the exact adjoint on CUDA).
+        jac = transform.transform_jacobian(x.detach(), theta.detach())[1].reshape(bs, 2 * n, -1)
         normal = jac.transpose(1, 2) @ jac + self.gn_damping * torch.eye(jac.shape[2], dtype=jac.dtype,
                                                                          device=jac.device)
         residual = (transform.transform(x, theta.detach()) - y).reshape(bs, 2 * n, 1)
