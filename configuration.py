@@ -134,6 +134,7 @@ SCHEMA = Section(required=True, keys={
         "image_freq": Key("int", 1000, "TensorBoard image grids every N iterations"),
         "max_steps_per_epoch": Key("int|null", None, "cap on iterations per epoch; null = no cap"),
         "evaluate_after_training": Key("bool", False, "run the test-split reconstruction after training"),
+        "eval_batch_size": Key("int", 32, "frames per forward pass in reconstruction (one video at a time)"),
         "dropout_epoch": Key("int", 35, "dropout softmax while epoch < this"),
         "dropout_maxp": Key("float", 0.3, "final dropout probability"),
         "dropout_startp": Key("float", 0.1, "initial dropout probability"),

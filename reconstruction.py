@@ -1,7 +1,7 @@
 """Reconstruction evaluation: animate frame 0 of each test video with all of its own frames.
 
 For every video (C, T, H, W in [0, 1]) the source is frame 0 and every frame t (0 included) is the
-driving frame; frames go through the networks in batches of ``train_params.batch_size``, under
+driving frame; frames go through the networks in batches of ``train_params.eval_batch_size``, under
 ``torch.inference_mode`` on the networks' device. L1 = mean |prediction - driving| in [0, 1]; the
 reported mean is over all frames of the split (each frame weighs the same, as in FOMM/TPSMM), next
 to the L1 of the trivial baseline "predict the source frame" on the same frames.
@@ -54,7 +54,7 @@ def reconstruction(config, networks, dataset, out_dir, device, progress=True):
     if len(dataset) == 0:
         raise ValueError(f"dataset_params.root_dir: no test videos in "
                          f"{os.path.join(config['dataset_params']['root_dir'], 'test')}")
-    batch_size = config["train_params"]["batch_size"]
+    batch_size = config["train_params"]["eval_batch_size"]
     png_dir = os.path.join(out_dir, "reconstruction", "png")
     mp4_dir = os.path.join(out_dir, "reconstruction", "mp4")
     os.makedirs(png_dir, exist_ok=True)

@@ -33,6 +33,7 @@ def tiny_overrides(data_dir):
         "model_params.dense_motion_params.block_expansion=8",
         "model_params.dense_motion_params.max_features=16",
         "model_params.dense_motion_params.num_blocks=2",
+        "model_params.dense_motion_params.scale_factor=0.25",
         "model_params.dense_motion_params.gn_iter=2",
         "model_params.avd_network_params.id_bottle_size=8",
         "model_params.avd_network_params.pose_bottle_size=8",
@@ -150,12 +151,13 @@ def test_reconstruction_mode_writes_lossless_strips_mp4_and_metrics(trained, tmp
     import imageio.v2
 
     overrides, run_dir = trained
-    assert run.main(cli(overrides, "--mode", "reconstruction", "--checkpoint",
+    # Frames batched 4 + 2 here, 6 at once in the evaluation after training (eval_batch_size 32).
+    assert run.main(cli(overrides + ["train_params.eval_batch_size=4"], "--mode", "reconstruction", "--checkpoint",
                         os.path.join(run_dir, "checkpoint.pth.tar"), "--log_dir", str(tmp_path))) == 0
     out_dir = only_run_dir(tmp_path)
     metrics = json.load(open(os.path.join(out_dir, "metrics.json")))
     reference = json.load(open(os.path.join(run_dir, "metrics.json")))
-    # Same weights, same test split: same numbers as the evaluation after training.
+    # Same weights, same test split, other batching: same numbers as the evaluation after training.
     assert metrics["l1"] == pytest.approx(reference["l1"], abs=1e-6)
     assert metrics["baseline_l1"] == pytest.approx(reference["baseline_l1"], abs=1e-6)
     strips = sorted(glob.glob(os.path.join(out_dir, "reconstruction", "png", "*.png")))
