@@ -134,31 +134,41 @@ def steps_in_epoch(loader, max_steps, dataset_size, batch_size):
 
 
 def check_finite(losses, step, epoch, dist):
-    """Mean of every loss and their sum; ``NonFiniteLossError`` naming the loss when one is NaN/inf.
+    """(sum of the losses' means, {name: mean as a float}) with ONE host synchronisation, which also
+    gives the values to log; ``NonFiniteLossError`` naming the loss when one is NaN/inf.
 
     Under DDP the ranks agree (one all-reduce) so that all of them stop together.
     """
     means = {name: value.float().mean() for name, value in losses.items()}
     stacked = torch.stack(list(means.values())).detach()
-    finite = torch.isfinite(stacked)
-    all_finite = finite.all().to(torch.int32)
+    all_finite = torch.isfinite(stacked).all().to(stacked.dtype).reshape(1)
     if dist.initialized:
         torch.distributed.all_reduce(all_finite, op=torch.distributed.ReduceOp.MIN)
-    if not bool(all_finite.item()):
-        bad = [name for name, ok in zip(means, finite.tolist()) if not ok]
-        where = f"loss '{bad[0]}' is {means[bad[0]].item()}" if bad else "a loss on another rank is not finite"
+    flag, *values = torch.cat([all_finite, stacked]).tolist()
+    if not flag:
+        bad = [name for name, value in zip(means, values) if not math.isfinite(value)]
+        where = f"loss '{bad[0]}' is {values[list(means).index(bad[0])]}" if bad else \
+            "a loss on another rank is not finite"
         raise NonFiniteLossError(f"{where} at step {step} (epoch {epoch}); stopped before updating the "
                                  f"weights, no checkpoint written for this epoch")
-    return sum(means.values()), means
+    return sum(means.values()), dict(zip(means, values))
 
 
-def clip_gradients(module, max_norm, name, step, epoch):
-    """Clip the inf-norm of ``module``'s gradients to ``max_norm``; error if a gradient is NaN/inf."""
-    parameters = [parameter for parameter in module.parameters() if parameter.grad is not None]
-    if not parameters:
+def clip_gradients(modules, max_norm, step, epoch):
+    """Clip the inf-norm of each module's gradients to ``max_norm`` (None: no clipping) (``modules``: {name: module});
+    one host synchronisation for all of them; error naming the module if a gradient is NaN/inf."""
+    norms = {}
+    for name, module in modules.items():
+        parameters = [parameter for parameter in module.parameters() if parameter.grad is not None]
+        if parameters and max_norm is None:  # clipping off: the norm is still checked
+            norms[name] = torch.nn.utils.get_total_norm([p.grad for p in parameters], norm_type=math.inf)
+        elif parameters:
+            norms[name] = torch.nn.utils.clip_grad_norm_(parameters, max_norm=max_norm, norm_type=math.inf)
+    if not norms:
         return
-    norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm=max_norm, norm_type=math.inf)
-    if not bool(torch.isfinite(norm).item()):
+    finite = torch.isfinite(torch.stack([norm.float() for norm in norms.values()])).tolist()
+    if not all(finite):
+        name = next(name for name, ok in zip(norms, finite) if not ok)
         raise NonFiniteLossError(f"gradient of {name} is not finite at step {step} (epoch {epoch}); "
                                  f"stopped before updating the weights, no checkpoint written for this epoch")
 
@@ -312,11 +322,10 @@ def train(config, networks, run_dir, device, dist=Distributed(), seed=0, checkpo
                 losses, generated = model(x, epoch, step)
                 total, means = check_finite(losses, step, epoch, dist)
                 total.backward()
-                clip_gradients(networks["kp_detector"], params["clip_grad_norm"], "kp_detector", step, epoch)
-                clip_gradients(networks["dense_motion_network"], params["clip_grad_norm"],
-                               "dense_motion_network", step, epoch)
+                clipped = {name: networks[name] for name in ("kp_detector", "dense_motion_network")}
                 if train_bg:
-                    clip_gradients(bg_predictor, params["clip_grad_norm"], "bg_predictor", step, epoch)
+                    clipped["bg_predictor"] = bg_predictor
+                clip_gradients(clipped, params["clip_grad_norm"], step, epoch)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if train_bg:
@@ -325,7 +334,7 @@ def train(config, networks, run_dir, device, dist=Distributed(), seed=0, checkpo
                 learning_rates = {"generator": optimizer.param_groups[0]["lr"]}
                 if optimizer_bg is not None:
                     learning_rates["bg_predictor"] = optimizer_bg.param_groups[0]["lr"]
-                log.step(step, epoch, {name: value.item() for name, value in means.items()}, learning_rates)
+                log.step(step, epoch, means, learning_rates)
                 log.images(step, x["source"], x["driving"], generated)
                 step += 1
             scheduler.step()
@@ -413,8 +422,7 @@ def train_avd(config, networks, run_dir, device, dist=Distributed(), seed=0, che
                 total.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                log.step(step, epoch, {name: value.item() for name, value in means.items()},
-                         {"avd": optimizer.param_groups[0]["lr"]})
+                log.step(step, epoch, means, {"avd": optimizer.param_groups[0]["lr"]})
                 step += 1
             scheduler.step()
             if dist.is_main:

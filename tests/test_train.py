@@ -12,7 +12,7 @@ import torch
 
 import run
 from logger import load_checkpoint
-from train import Distributed, NonFiniteLossError, train
+from train import Distributed, NonFiniteLossError, check_finite, clip_gradients, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "config", "synthetic-64.yaml")
@@ -225,6 +225,33 @@ def test_non_finite_loss_stops_with_the_loss_name_and_keeps_the_last_checkpoint(
               checkpoint=load_checkpoint(target), checkpoint_path=target)
     assert open(target, "rb").read() == before
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth.tar", "tensorboard"]
+
+
+def test_clip_gradients_inf_norm_none_and_non_finite():
+    def module_with_grad(values):
+        module = torch.nn.Linear(2, 1, bias=False)
+        module.weight.grad = torch.tensor([values])
+        return module
+
+    a, b = module_with_grad([30.0, -5.0]), module_with_grad([0.5, -40.0])
+    clip_gradients({"a": a, "b": b}, 10.0, step=0, epoch=0)
+    # inf-norm clipping, per module: each gradient scaled so its largest entry is (about) 10
+    assert torch.allclose(a.weight.grad, torch.tensor([[10.0, -5.0 / 3]]), rtol=1e-5)
+    assert torch.allclose(b.weight.grad, torch.tensor([[0.125, -10.0]]), rtol=1e-5)
+    c = module_with_grad([30.0, -5.0])
+    clip_gradients({"c": c}, None, step=0, epoch=0)  # clip_grad_norm: null -> no clipping
+    assert torch.equal(c.weight.grad, torch.tensor([[30.0, -5.0]]))
+    with pytest.raises(NonFiniteLossError, match=r"gradient of bad is not finite at step 7 \(epoch 1\)"):
+        clip_gradients({"good": module_with_grad([1.0, 2.0]), "bad": module_with_grad([1.0, float("inf")])},
+                       None, step=7, epoch=1)
+
+
+def test_check_finite_returns_host_floats_and_names_the_bad_loss():
+    total, means = check_finite({"a": torch.tensor([1.0, 3.0]), "b": torch.tensor(0.5)}, 0, 0, Distributed())
+    assert means == {"a": 2.0, "b": 0.5} and all(type(v) is float for v in means.values())
+    assert total.item() == 2.5
+    with pytest.raises(NonFiniteLossError, match=r"loss 'b' is inf at step 3 \(epoch 0\)"):
+        check_finite({"a": torch.tensor(1.0), "b": torch.tensor(float("inf"))}, 3, 0, Distributed())
 
 
 def _ddp_worker(rank, world_size, port, argv):
