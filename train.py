@@ -173,6 +173,12 @@ def clip_gradients(modules, max_norm, step, epoch):
                                  f"stopped before updating the weights, no checkpoint written for this epoch")
 
 
+def clipped_networks(networks, with_bg):
+    """{name: module} whose gradients the official loop clips: kp detector, dense motion (+ BG predictor)."""
+    names = ("kp_detector", "dense_motion_network") + (("bg_predictor",) if with_bg else ())
+    return {name: networks[name] for name in names}
+
+
 class RunLog:
     """Rank-0 TensorBoard scalars/images and tqdm bar with running losses; silent on other ranks."""
 
@@ -322,10 +328,7 @@ def train(config, networks, run_dir, device, dist=Distributed(), seed=0, checkpo
                 losses, generated = model(x, epoch, step)
                 total, means = check_finite(losses, step, epoch, dist)
                 total.backward()
-                clipped = {name: networks[name] for name in ("kp_detector", "dense_motion_network")}
-                if train_bg:
-                    clipped["bg_predictor"] = bg_predictor
-                clip_gradients(clipped, params["clip_grad_norm"], step, epoch)
+                clip_gradients(clipped_networks(networks, train_bg), params["clip_grad_norm"], step, epoch)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if train_bg:

@@ -51,7 +51,7 @@ from losses.keypoint_semantic import KeypointSemanticLoss, build_sam_image_encod
 from losses.perceptual import PerceptualLoss, build_vgg19_features
 from losses.structure import StructureLoss, build_dino_vitb8
 from modules import build_networks
-from train import MAIN_NETWORKS, Distributed, check_finite, clip_gradients
+from train import MAIN_NETWORKS, Distributed, check_finite, clip_gradients, clipped_networks
 
 CONFIG = "config/vox-256.yaml"
 MOTIONS = (
@@ -250,11 +250,7 @@ def build_trainer(networks, config, losses):
         losses_now, _ = model(x, epoch, index)
         total, _ = check_finite(losses_now, index, epoch, dist)
         total.backward()
-        clip_gradients(networks["kp_detector"], params["clip_grad_norm"], "kp_detector", index, epoch)
-        clip_gradients(networks["dense_motion_network"], params["clip_grad_norm"], "dense_motion_network",
-                       index, epoch)
-        if optimizer_bg is not None:
-            clip_gradients(bg_predictor, params["clip_grad_norm"], "bg_predictor", index, epoch)
+        clip_gradients(clipped_networks(networks, optimizer_bg is not None), params["clip_grad_norm"], index, epoch)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if optimizer_bg is not None:
