@@ -145,13 +145,13 @@ def check_finite(losses, step, epoch, dist):
     if dist.initialized:
         torch.distributed.all_reduce(all_finite, op=torch.distributed.ReduceOp.MIN)
     flag, *values = torch.cat([all_finite, stacked]).tolist()
+    host = dict(zip(means, values))
     if not flag:
-        bad = [name for name, value in zip(means, values) if not math.isfinite(value)]
-        where = f"loss '{bad[0]}' is {values[list(means).index(bad[0])]}" if bad else \
-            "a loss on another rank is not finite"
+        bad = [name for name, value in host.items() if not math.isfinite(value)]
+        where = f"loss '{bad[0]}' is {host[bad[0]]}" if bad else "a loss on another rank is not finite"
         raise NonFiniteLossError(f"{where} at step {step} (epoch {epoch}); stopped before updating the "
                                  f"weights, no checkpoint written for this epoch")
-    return sum(means.values()), dict(zip(means, values))
+    return sum(means.values()), host
 
 
 def clip_gradients(modules, max_norm, step, epoch):
@@ -160,9 +160,11 @@ def clip_gradients(modules, max_norm, step, epoch):
     norms = {}
     for name, module in modules.items():
         parameters = [parameter for parameter in module.parameters() if parameter.grad is not None]
-        if parameters and max_norm is None:  # clipping off: the norm is still checked
+        if not parameters:
+            continue
+        if max_norm is None:  # clipping off: the norm is still checked
             norms[name] = torch.nn.utils.get_total_norm([p.grad for p in parameters], norm_type=math.inf)
-        elif parameters:
+        else:
             norms[name] = torch.nn.utils.clip_grad_norm_(parameters, max_norm=max_norm, norm_type=math.inf)
     if not norms:
         return
@@ -173,10 +175,29 @@ def clip_gradients(modules, max_norm, step, epoch):
                                  f"stopped before updating the weights, no checkpoint written for this epoch")
 
 
-def clipped_networks(networks, with_bg):
-    """{name: module} whose gradients the official loop clips: kp detector, dense motion (+ BG predictor)."""
-    names = ("kp_detector", "dense_motion_network") + (("bg_predictor",) if with_bg else ())
-    return {name: networks[name] for name in names}
+def make_optimizers(networks, params):
+    """The official Adams (betas (0.5, 0.999), weight decay 1e-4, lr ``lr_generator``): one for kp detector
+    + dense motion + generator, one for the BG predictor (None without it)."""
+    def adam(parameters):
+        return torch.optim.Adam(parameters, lr=params["lr_generator"], betas=(0.5, 0.999), weight_decay=1e-4)
+
+    optimizer = adam(list(networks["inpainting_network"].parameters())
+                     + list(networks["dense_motion_network"].parameters())
+                     + list(networks["kp_detector"].parameters()))
+    bg_predictor = networks.get("bg_predictor")
+    return optimizer, None if bg_predictor is None else adam(bg_predictor.parameters())
+
+
+def optimisation_step(networks, total, optimizer, optimizer_bg, max_norm, step, epoch):
+    """Backward of ``total``, the official inf-norm clipping (kp detector, dense motion, and the BG
+    predictor when ``optimizer_bg`` is given: None while it is not trained), then the Adam step(s)."""
+    total.backward()
+    names = ("kp_detector", "dense_motion_network") + (("bg_predictor",) if optimizer_bg is not None else ())
+    clip_gradients({name: networks[name] for name in names}, max_norm, step, epoch)
+    for target in (optimizer, optimizer_bg):
+        if target is not None:
+            target.step()
+            target.zero_grad(set_to_none=True)
 
 
 class RunLog:
@@ -279,15 +300,10 @@ def train(config, networks, run_dir, device, dist=Distributed(), seed=0, checkpo
             if networks.get(name) is not None:
                 networks[name].to(memory_format=torch.channels_last)
     bg_predictor = networks.get("bg_predictor")
-    optimizer = torch.optim.Adam(list(networks["inpainting_network"].parameters())
-                                 + list(networks["dense_motion_network"].parameters())
-                                 + list(networks["kp_detector"].parameters()),
-                                 lr=params["lr_generator"], betas=(0.5, 0.999), weight_decay=1e-4)
+    optimizer, optimizer_bg = make_optimizers(networks, params)
     scheduler = MultiStepLR(optimizer, params["epoch_milestones"], gamma=0.1)
-    optimizer_bg = scheduler_bg = None
-    if bg_predictor is not None:
-        optimizer_bg = torch.optim.Adam(bg_predictor.parameters(), lr=params["lr_generator"],
-                                        betas=(0.5, 0.999), weight_decay=1e-4)
+    scheduler_bg = None
+    if optimizer_bg is not None:
         scheduler_bg = MultiStepLR(optimizer_bg, params["epoch_milestones"], gamma=0.1)
 
     start_epoch, step = 0, 0
@@ -327,13 +343,8 @@ def train(config, networks, run_dir, device, dist=Distributed(), seed=0, checkpo
                      for key in ("source", "driving")}
                 losses, generated = model(x, epoch, step)
                 total, means = check_finite(losses, step, epoch, dist)
-                total.backward()
-                clip_gradients(clipped_networks(networks, train_bg), params["clip_grad_norm"], step, epoch)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if train_bg:
-                    optimizer_bg.step()
-                    optimizer_bg.zero_grad(set_to_none=True)
+                optimisation_step(networks, total, optimizer, optimizer_bg if train_bg else None,
+                                  params["clip_grad_norm"], step, epoch)
                 learning_rates = {"generator": optimizer.param_groups[0]["lr"]}
                 if optimizer_bg is not None:
                     learning_rates["bg_predictor"] = optimizer_bg.param_groups[0]["lr"]

@@ -7,8 +7,8 @@
 Rows: ``motion: tps``; ``motion: cpab`` with ``fit_method: adam`` (faithful, the official fit);
 ``motion: cpab`` with ``fit_method: gauss_newton`` (fast). For each, from ``config/vox-256.yaml``:
 (a) one training step as ``train.train`` runs it (forward of ``GeneratorFullModel`` at the epoch
-``bg_start``, so the BG predictor and the dropout softmax are on; ``train.check_finite``; backward;
-``train.clip_gradients`` on kp detector, dense motion and BG predictor; both Adam steps), without the
+``bg_start``, so the BG predictor and the dropout softmax are on; ``train.check_finite``;
+``train.optimisation_step``: backward, clipping, both Adam steps), without the
 structure (DINO) and SAM losses ("step"), and with the structure loss ("+struct"); the SAM loss is
 timed on its own (forward and backward into the keypoints, motion-independent table);
 (b) animating one frame at batch 1 (``demo.Animator``, mode standard: the source keypoints are cached,
@@ -51,7 +51,7 @@ from losses.keypoint_semantic import KeypointSemanticLoss, build_sam_image_encod
 from losses.perceptual import PerceptualLoss, build_vgg19_features
 from losses.structure import StructureLoss, build_dino_vitb8
 from modules import build_networks
-from train import MAIN_NETWORKS, Distributed, check_finite, clip_gradients, clipped_networks
+from train import MAIN_NETWORKS, Distributed, check_finite, make_optimizers, optimisation_step
 
 CONFIG = "config/vox-256.yaml"
 MOTIONS = (
@@ -232,15 +232,7 @@ def build_trainer(networks, config, losses):
     params = config["train_params"]
     device = next(networks["kp_detector"].parameters()).device
     model = GeneratorFullModel(networks, params, losses=losses).to(device).train()
-    optimizer = torch.optim.Adam(list(networks["inpainting_network"].parameters())
-                                 + list(networks["dense_motion_network"].parameters())
-                                 + list(networks["kp_detector"].parameters()),
-                                 lr=params["lr_generator"], betas=(0.5, 0.999), weight_decay=1e-4)
-    bg_predictor = networks.get("bg_predictor")
-    optimizer_bg = None
-    if bg_predictor is not None:
-        optimizer_bg = torch.optim.Adam(bg_predictor.parameters(), lr=params["lr_generator"],
-                                        betas=(0.5, 0.999), weight_decay=1e-4)
+    optimizer, optimizer_bg = make_optimizers(networks, params)
     epoch = params["bg_start"]
     dist = Distributed()
     state = {"step": 0}
@@ -249,13 +241,7 @@ def build_trainer(networks, config, losses):
         index = state["step"]
         losses_now, _ = model(x, epoch, index)
         total, _ = check_finite(losses_now, index, epoch, dist)
-        total.backward()
-        clip_gradients(clipped_networks(networks, optimizer_bg is not None), params["clip_grad_norm"], index, epoch)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if optimizer_bg is not None:
-            optimizer_bg.step()
-            optimizer_bg.zero_grad(set_to_none=True)
+        optimisation_step(networks, total, optimizer, optimizer_bg, params["clip_grad_norm"], index, epoch)
         state["step"] = index + 1
 
     return step

@@ -125,14 +125,16 @@ class CPAB(nn.Module):
         return integrate(points, affines, self.nx, self.ny, steps=self.steps, refine=self.refine,
                          max_crossings=self.max_crossings, backend=self.backend)
 
-    def transform_jacobian(self, points, theta):
+    def transform_jacobian(self, points, theta, check=True):
         """(transform(points, theta), d transform / d theta): (B, N, 2) and (B, N, 2, d), detached.
 
         CUDA (Triton backend): the exact Jacobian of the discrete integrator from one adjoint pass.
         Reference backend: the sensitivity propagated along each path (`cpab.integrate.integrate_table`),
         accurate to a few percent; no autograd either way, so it is cheap on a CPU as well.
+        check=False skips the argument checks (their finiteness tests synchronise with the GPU).
         """
-        self._check_pair(points, theta)
+        if check:
+            self._check_pair(points, theta)
         return transform_and_jacobian(self, points.detach(), theta.detach())
 
     def grid(self, theta, size, check=True):

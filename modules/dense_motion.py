@@ -182,11 +182,12 @@ class DenseMotionNetwork(nn.Module):
         if not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)):
             return theta
         bs, n, _ = x.shape
-        # d T(x) / d theta without autograd (the integrator's sensitivity on a CPU, the exact adjoint on CUDA).
-        jac = transform.transform_jacobian(x.detach(), theta.detach())[1].reshape(bs, 2 * n, -1)
+        # d T(x) / d theta without autograd (the integrator's sensitivity on a CPU, the exact adjoint on CUDA);
+        # unchecked like the fits (no host synchronisation): non-finite keypoints surface in the loss.
+        jac = transform.transform_jacobian(x.detach(), theta.detach(), check=False)[1].reshape(bs, 2 * n, -1)
         normal = jac.transpose(1, 2) @ jac + self.gn_damping * torch.eye(jac.shape[2], dtype=jac.dtype,
                                                                          device=jac.device)
-        residual = (transform.transform(x, theta.detach()) - y).reshape(bs, 2 * n, 1)
+        residual = (transform.transform_unchecked(x, theta.detach()) - y).reshape(bs, 2 * n, 1)
         step = torch.linalg.solve_ex(normal, jac.transpose(1, 2) @ residual)[0][..., 0]
         return theta - (step - step.detach())
 
