@@ -107,6 +107,9 @@ SCHEMA = Section(required=True, keys={
             "global_tess_size": Key("list[int]", [6, 6], "tessellation of the global warp", length=(2,)),
             "zero_boundary": Key("bool", False, "velocity 0 on the border (False: libcpab's valid-outside)"),
             "volume_preservation": Key("bool", False, "trace-0 cells"),
+            "basis": Key("str", "libcpab", "CPAB null-space basis: libcpab (official: libcpab's own, so theta and "
+                         "the Adam fit are the official code's) or vertex (this framework's earlier one, theta "
+                         "rotated)", choices=("libcpab", "vertex")),
             "fit_method": Key("str", "adam", "adam (official) or gauss_newton", choices=("adam", "gauss_newton")),
             "max_iter": Key("int", 100, "Adam steps of the partial fits"),
             "global_iter_multiplier": Key("float", 1.5, "the global fit runs max_iter * this many steps"),

@@ -388,8 +388,11 @@ def train_avd(config, networks, run_dir, device, dist=Distributed(), seed=0, che
     """Train the AVD network on frozen main networks loaded from ``checkpoint`` (required).
 
     Loss (MRAA/TPSMM): lambda_shift * mean |kp_driving - AVD(kp_source, random_scale(kp_driving))|.
-    The checkpoint written holds the frozen main networks as loaded plus avd_network, optimizer_avd,
-    scheduler_avd, avd_epoch, avd_step; resuming from such a checkpoint continues the AVD run.
+    The main networks get no gradient and no weight update; the keypoint detector runs in train mode,
+    as in the official code (see below), so its BatchNorm running statistics move. The checkpoint
+    written holds the main networks as loaded, the keypoint detector with those running statistics,
+    plus avd_network, optimizer_avd, scheduler_avd, avd_epoch, avd_step; resuming from such a
+    checkpoint continues the AVD run.
     """
     if checkpoint is None:
         raise ValueError("--mode train_avd needs --checkpoint: a checkpoint of the trained main networks")
@@ -400,6 +403,11 @@ def train_avd(config, networks, run_dir, device, dist=Distributed(), seed=0, che
             networks[name].to(device).eval().requires_grad_(False)
     avd_network = networks["avd_network"].to(device)
     kp_detector = networks["kp_detector"]
+    # Faithful to the official code: train_avd (TPSMM's, used by CPABMM) never puts the keypoint detector
+    # in eval mode, so its BatchNorm layers normalise with batch statistics and update their running
+    # statistics, which the checkpoint saves; its weights stay frozen (no_grad, requires_grad False).
+    # Under DDP each rank updates its own copy; rank 0's is saved.
+    kp_detector.train()
     optimizer = torch.optim.Adam(avd_network.parameters(), lr=params["lr"], betas=(0.5, 0.999))
     scheduler = MultiStepLR(optimizer, params["epoch_milestones"], gamma=0.1)
     start_epoch, step = 0, 0
@@ -442,7 +450,8 @@ def train_avd(config, networks, run_dir, device, dist=Distributed(), seed=0, che
             if dist.is_main:
                 state = {key: value for key, value in checkpoint.items()
                          if key in MAIN_NETWORKS or key in ("epoch", "step")}
-                state.update(avd_network=avd_network.state_dict(), optimizer_avd=optimizer.state_dict(),
+                state.update(kp_detector=kp_detector.state_dict(),  # its moved running statistics
+                             avd_network=avd_network.state_dict(), optimizer_avd=optimizer.state_dict(),
                              scheduler_avd=scheduler.state_dict(), avd_epoch=epoch + 1, avd_step=step,
                              seed=seed, config=config)
                 _save_epoch(run_dir, state, epoch + 1, params["checkpoint_freq"])

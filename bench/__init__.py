@@ -1,1 +1,2 @@
-"""End-to-end speed benchmarks (``python -m bench.speed``)."""
+"""End-to-end speed benchmarks (``python -m bench.speed``) and the comparison with libcpab
+(``python -m bench.against_libcpab``)."""

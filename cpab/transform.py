@@ -3,8 +3,8 @@
 Conventions: domain [-1, 1]^2, points (B, N, 2) in (x, y) order, the `grid_sample(align_corners=True)`
 convention; theta (B, d). The velocity field of theta is continuous and affine on each of the
 4 nx ny triangles of the tessellation (see `cpab.basis`), and `transform` moves points along it for
-unit time. theta has libcpab's meaning: the coordinates, in an orthonormal basis, of the per-cell
-affine parameters on libcpab's [0, 1]^2 domain; velocities are converted to [-1, 1]^2 units
+unit time. theta has libcpab's meaning: the coordinates, in libcpab's own basis (by default), of the
+per-cell affine parameters on libcpab's [0, 1]^2 domain; velocities are converted to [-1, 1]^2 units
 (x = 2 u - 1, so v_x(x) = 2 v_u((x + 1) / 2)). `transform(x, -theta)` inverts `transform(x, theta)`.
 """
 import torch
@@ -40,10 +40,13 @@ class CPAB(nn.Module):
             steps per unit time, cell crossings located to 1 / (steps * 2**refine) time.
         backend: "auto" (default: the Triton kernel for CUDA tensors, the reference otherwise),
             "reference" or "triton" (forced; see `cpab.kernels`).
+        basis: "libcpab" (default: libcpab's own null-space basis, so theta and the Adam fit are the
+            official code's) or "vertex" (this project's earlier basis: same fields, theta rotated);
+            see `cpab.basis`.
     """
 
     def __init__(self, tess_size=(4, 4), zero_boundary=False, volume_preservation=False,
-                 steps=8, refine=3, max_crossings=64, backend="auto"):
+                 steps=8, refine=3, max_crossings=64, backend="auto", basis="libcpab"):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -54,7 +57,8 @@ class CPAB(nn.Module):
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "refine" else 1):
                 raise ValueError(f"{name} must be a {'non-negative' if name == 'refine' else 'positive'} int, got {value!r}")
         basis01 = torch.from_numpy(null_space_basis(tess_size[0], tess_size[1], zero_boundary,
-                                                     volume_preservation).copy())
+                                                     volume_preservation, basis=basis).copy())
+        self.basis_kind = basis
         self.nx, self.ny = int(tess_size[0]), int(tess_size[1])
         self.zero_boundary = bool(zero_boundary)
         self.volume_preservation = bool(volume_preservation)
@@ -71,7 +75,7 @@ class CPAB(nn.Module):
 
     def extra_repr(self):
         return (f"tess_size=({self.nx}, {self.ny}), zero_boundary={self.zero_boundary}, "
-                f"volume_preservation={self.volume_preservation}, dim={self.dim}")
+                f"volume_preservation={self.volume_preservation}, basis={self.basis_kind}, dim={self.dim}")
 
     # ---------------------------------------------------------------- checks
     def _check_theta(self, theta):

@@ -30,7 +30,7 @@ def build_networks(config, device=None):
             scale_factor=dm["scale_factor"], bg=common["bg"], multi_mask=common["multi_mask"],
             kp_variance=dm["kp_variance"], motion=dm["motion"], global_cpab=dm["global_cpab"],
             partial_tess_size=tuple(dm["partial_tess_size"]), global_tess_size=tuple(dm["global_tess_size"]),
-            zero_boundary=dm["zero_boundary"], volume_preservation=dm["volume_preservation"],
+            zero_boundary=dm["zero_boundary"], volume_preservation=dm["volume_preservation"], basis=dm["basis"],
             fit_method=dm["fit_method"], max_iter=dm["max_iter"],
             global_iter_multiplier=dm["global_iter_multiplier"], fit_lr=dm["fit_lr"],
             theta_init=dm["theta_init"], gn_iter=dm["gn_iter"], gn_damping=dm["gn_damping"],

@@ -57,6 +57,8 @@ class DenseMotionNetwork(nn.Module):
     ``detach_keypoints`` (official: True) fits on detached keypoints, so the warps send no gradient
     into the keypoint detector; False gives the fitted theta an implicit-function gradient (see
     ``_attach``), an option of this framework.
+    ``basis`` (official: "libcpab") the CPABs' null-space basis (see ``cpab.basis``): "vertex" spans the
+    same fields with theta rotated, so the Adam fit takes another path (other warps).
     ``bg`` is kept for the official signature: whether a background affine is used is decided by the
     caller passing ``bg_param`` (None -> identity warp).
     """
@@ -65,7 +67,8 @@ class DenseMotionNetwork(nn.Module):
                  scale_factor=0.25, bg=False, multi_mask=True, kp_variance=0.01, motion="cpab",
                  global_cpab=True, partial_tess_size=(4, 4), global_tess_size=(6, 6), zero_boundary=False,
                  volume_preservation=False, fit_method="adam", max_iter=100, global_iter_multiplier=1.5,
-                 fit_lr=1e-2, theta_init=1e-6, gn_iter=10, gn_damping=1e-3, detach_keypoints=True):
+                 fit_lr=1e-2, theta_init=1e-6, gn_iter=10, gn_damping=1e-3, detach_keypoints=True,
+                 basis="libcpab"):
         super().__init__()
         if motion not in ("cpab", "tps"):
             raise ValueError(f"dense_motion_params.motion must be 'cpab' or 'tps', got {motion!r}")
@@ -94,10 +97,10 @@ class DenseMotionNetwork(nn.Module):
             self.down = AntiAliasInterpolation2d(num_channels, scale_factor)
         if motion == "cpab":
             self.partial_cpab = CPAB(tess_size=tuple(partial_tess_size), zero_boundary=zero_boundary,
-                                     volume_preservation=volume_preservation)
+                                     volume_preservation=volume_preservation, basis=basis)
             if self.global_cpab:
                 self.global_cpab_transform = CPAB(tess_size=tuple(global_tess_size), zero_boundary=zero_boundary,
-                                                  volume_preservation=volume_preservation)
+                                                  volume_preservation=volume_preservation, basis=basis)
 
         in_features = num_channels * self.num_warps + num_cpab * _KP_PER_GROUP + 1
         self.hourglass = Hourglass(block_expansion=block_expansion, in_features=in_features,

@@ -139,6 +139,9 @@ def test_wrong_type_and_choice(tmp_path):
     raw["model_params"]["dense_motion_params"]["fit_method"] = "lbfgs"
     assert "adam, gauss_newton" in _error(_write(tmp_path, raw))
     raw = _vox_raw()
+    raw["model_params"]["dense_motion_params"]["basis"] = "orthonormal"
+    assert "libcpab, vertex" in _error(_write(tmp_path, raw))
+    raw = _vox_raw()
     raw["model_params"]["dense_motion_params"]["partial_tess_size"] = [4, 4, 4]
     assert "partial_tess_size' must have 2 items" in _error(_write(tmp_path, raw))
     raw = _vox_raw()

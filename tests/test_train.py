@@ -140,9 +140,23 @@ def test_train_avd_trains_only_the_avd_network(trained, tmp_path):
     main = load_checkpoint(checkpoint_path)
     avd = load_checkpoint(os.path.join(avd_dir, "checkpoint.pth.tar"))
     assert avd["avd_epoch"] == 1 and avd["avd_step"] == 2 and "optimizer_avd" in avd
-    for name in ("kp_detector", "dense_motion_network", "inpainting_network", "bg_predictor"):
+    for name in ("dense_motion_network", "inpainting_network", "bg_predictor"):
         for key, value in main[name].items():
             assert torch.equal(value, avd[name][key]), (name, key)
+    # Faithful to the official code: the keypoint detector ran in train mode (batch statistics): its
+    # BatchNorm running statistics moved and were saved (2 steps x source and driving = 4 batches),
+    # its weights did not change.
+    kp_main, kp_avd = main["kp_detector"], avd["kp_detector"]
+    assert set(kp_main) == set(kp_avd)
+    stats = {key for key in kp_main if key.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    assert stats
+    for key in stats:
+        if key.endswith("num_batches_tracked"):
+            assert int(kp_avd[key]) == int(kp_main[key]) + 4, key
+        else:
+            assert not torch.equal(kp_main[key], kp_avd[key]), key
+    for key in set(kp_main) - stats:
+        assert torch.equal(kp_main[key], kp_avd[key]), key
     steps = [state["step"] for state in avd["optimizer_avd"]["state"].values()]
     assert steps and max(steps) == 2
 

@@ -1,11 +1,17 @@
-"""Tessellation, constraints and basis of `cpab`: the dimension table, orthonormality, continuity."""
+"""Tessellation, constraints and bases of `cpab`: the dimension table, orthonormality, continuity, the
+shipped libcpab bases. (Against libcpab itself: tests/cpab/test_libcpab.py.)"""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 from cpab import CPAB
-from cpab.basis import cell_vertices, constraint_matrix, null_space_basis
+from cpab.basis import (BASES, SHIPPED, cell_vertices, constraint_matrix, libcpab_constraint_matrix,
+                        libcpab_svd_basis, null_space_basis, shipped_basis_name)
 from cpab.integrate import cell_index, velocity
+from cpab.make_bases import BASES_DIR
 
 # DESIGN.md section 2: d for (valid-outside, + volume-preserving, zero-boundary, zero-boundary + VP).
 D_TABLE = {3: (34, 11, 34, 8), 4: (58, 15, 62, 15), 5: (90, 19, 98, 24), 6: (130, 27, 142, 35),
@@ -13,38 +19,102 @@ D_TABLE = {3: (34, 11, 34, 8), 4: (58, 15, 62, 15), 5: (90, 19, 98, 24), 6: (130
 VARIANTS = ((False, False), (False, True), (True, False), (True, True))
 
 
+@pytest.mark.parametrize("basis", BASES)
 @pytest.mark.parametrize("n", sorted(D_TABLE))
 @pytest.mark.parametrize("variant", range(4))
-def test_dimension_table(n, variant):
+def test_dimension_table(n, variant, basis):
     zero_boundary, volume_preservation = VARIANTS[variant]
-    assert null_space_basis(n, n, zero_boundary, volume_preservation).shape[1] == D_TABLE[n][variant]
+    assert null_space_basis(n, n, zero_boundary, volume_preservation, basis=basis).shape[1] == D_TABLE[n][variant]
 
 
 def test_cpab_dim_matches_design():
     assert CPAB((4, 4)).dim == 58 and CPAB((6, 6)).dim == 130
     assert CPAB((4, 4), volume_preservation=True).dim == 15
     assert CPAB((6, 6), zero_boundary=True).dim == 142
+    assert CPAB((6, 6), basis="vertex").dim == 130
 
 
+@pytest.mark.parametrize("basis", BASES)
 @pytest.mark.parametrize("variant", range(4))
-def test_basis_orthonormal_and_in_null_space(variant):
+def test_basis_orthonormal_and_in_null_space(variant, basis):
     zero_boundary, volume_preservation = VARIANTS[variant]
-    for nx, ny in ((3, 3), (4, 2)):
-        basis = null_space_basis(nx, ny, zero_boundary, volume_preservation)
-        L = constraint_matrix(nx, ny, zero_boundary, volume_preservation)
-        assert basis.dtype == np.float64
-        np.testing.assert_allclose(basis.T @ basis, np.eye(basis.shape[1]), atol=1e-12)
-        assert np.abs(L @ basis).max() < 1e-9
-        # The basis spans the whole null space (same dimension as a direct SVD of L).
-        s = torch.linalg.svdvals(torch.from_numpy(L))  # (torch: numpy's threaded LAPACK crawls on busy CPUs)
-        assert basis.shape[1] == L.shape[1] - int((s > 1e-9 * s[0]).sum())
+    for nx, ny in ((3, 3), (4, 2), (4, 4)):
+        B = null_space_basis(nx, ny, zero_boundary, volume_preservation, basis=basis)
+        assert B.dtype == np.float64
+        np.testing.assert_allclose(B.T @ B, np.eye(B.shape[1]), atol=1e-12)
+        # Both constraint matrices (this project's compact one and libcpab's) have the same null space.
+        for L in (constraint_matrix(nx, ny, zero_boundary, volume_preservation),
+                  libcpab_constraint_matrix(nx, ny, zero_boundary, volume_preservation)):
+            assert np.abs(L @ B).max() < 1e-9
+            # The basis spans the whole null space (same dimension as a direct SVD of L).
+            s = torch.linalg.svdvals(torch.from_numpy(L))  # (torch: numpy's threaded LAPACK crawls on busy CPUs)
+            assert B.shape[1] == L.shape[1] - int((s > 1e-9 * s[0]).sum())
+
+
+def test_the_two_bases_span_one_space_and_differ_by_a_rotation():
+    # Same fields, different theta: Q = B_libcpab^T B_vertex is orthogonal and far from the identity
+    # (Adam, not rotation-invariant, then follows another path: see test_libcpab.py and the README).
+    for size in ((4, 4, False, False), (3, 3, True, True)):
+        Q = null_space_basis(*size, basis="libcpab").T @ null_space_basis(*size, basis="vertex")
+        np.testing.assert_allclose(Q.T @ Q, np.eye(Q.shape[0]), atol=1e-10)
+        assert np.abs(Q - np.eye(Q.shape[0])).max() > 0.5
+    model, vertex = CPAB((4, 4)).double(), CPAB((4, 4), basis="vertex").double()
+    assert model.basis_kind == "libcpab" and vertex.basis_kind == "vertex" and "basis=vertex" in repr(vertex)
+    theta = torch.randn(2, model.dim, dtype=torch.float64)
+    rotated = theta @ torch.from_numpy(null_space_basis(4, 4).T @ null_space_basis(4, 4, basis="vertex"))
+    points = torch.rand(2, 300, 2, dtype=torch.float64) * 2 - 1
+    assert torch.allclose(model.velocity(points, theta), vertex.velocity(points, rotated), atol=1e-12)
+
+
+def test_unknown_basis_is_refused():
+    with pytest.raises(ValueError, match="basis must be one of"):
+        CPAB((4, 4), basis="orthonormal")
+    with pytest.raises(ValueError, match="basis must be one of"):
+        null_space_basis(4, 4, basis="svd")
+
+
+def test_shipped_bases_are_the_default_and_libcpabs_routine():
+    # The released configs' tessellations come from cpab/bases/ (package data): float64, read-only, and
+    # what libcpab's routine computes from libcpab's L (the same d; the rotation itself depends on the
+    # LAPACK build: bit-for-bit checks in test_libcpab.py and test_make_bases_check below).
+    assert {(4, 4, False, False), (6, 6, False, False)} <= set(SHIPPED)
+    for nx, ny, zb, vp in SHIPPED:
+        path = BASES_DIR / shipped_basis_name(nx, ny, zb, vp)
+        with np.load(path) as data:
+            shipped = data["basis"]
+            assert "Haswell" in str(data["provenance"])
+        B = null_space_basis(nx, ny, zb, vp)
+        assert np.array_equal(B, shipped) and B.dtype == np.float64 and not B.flags.writeable
+        assert B.shape == (24 * nx * ny, D_TABLE[nx][2 * zb + vp])
+        assert np.abs(libcpab_constraint_matrix(nx, ny, zb, vp) @ B).max() < 1e-12
+
+
+def test_libcpab_svd_basis_is_the_null_space_of_a_wide_matrix():
+    # 1 x 1 valid outside: L has fewer rows (16) than columns (24); the columns beyond the singular
+    # values belong to the null space (libcpab's padding).
+    L = libcpab_constraint_matrix(1, 1)
+    assert L.shape == (16, 24)
+    B = libcpab_svd_basis(L)
+    assert B.shape == (24, 24 - np.linalg.matrix_rank(L)) and np.abs(L @ B).max() < 1e-12
+
+
+@pytest.mark.slow
+def test_make_bases_check():
+    # Regenerates every shipped basis under the reference LAPACK setup and compares (exit 0: identical).
+    child = subprocess.run([sys.executable, "-m", "cpab.make_bases", "--check"], capture_output=True, text=True,
+                           timeout=600, cwd=BASES_DIR.parent.parent)
+    if "did not report" in child.stderr:
+        pytest.skip("this machine cannot run OpenBLAS's Haswell kernels (see cpab.make_bases)")
+    assert child.returncode == 0, child.stdout + child.stderr
+    assert child.stdout.count("max |shipped - computed| = 0.0e+00") == len(SHIPPED)
 
 
 def test_basis_cached_and_read_only():
-    a = null_space_basis(4, 4)
-    assert a is null_space_basis(4, 4)
-    with pytest.raises(ValueError):
-        a[0, 0] = 1.0
+    for basis in BASES:
+        a = null_space_basis(3, 3, basis=basis)
+        assert a is null_space_basis(3, 3, basis=basis)
+        with pytest.raises(ValueError):
+            a[0, 0] = 1.0
 
 
 def test_cell_numbering_matches_vertices():

@@ -57,6 +57,16 @@ def test_builder_switches():
     assert set(nets) == {"kp_detector", "dense_motion_network", "inpainting_network", "bg_predictor", "avd_network"}
 
 
+def test_builder_basis_switch():
+    dm = "model_params.dense_motion_params."
+    default = build_networks(load_config("config/vox-256.yaml", overrides=TINY))["dense_motion_network"]
+    vertex = build_networks(load_config("config/vox-256.yaml", overrides=TINY + [dm + "basis=vertex"]))
+    vertex = vertex["dense_motion_network"]
+    assert default.partial_cpab.basis_kind == default.global_cpab_transform.basis_kind == "libcpab"
+    assert vertex.partial_cpab.basis_kind == vertex.global_cpab_transform.basis_kind == "vertex"
+    assert not torch.allclose(default.partial_cpab.basis, vertex.partial_cpab.basis)
+
+
 def test_keypoint_detector_shapes_and_range():
     out = KPDetector(num_cpab=K)(torch.rand(2, 3, 32, 32))
     assert out["fg_kp"].shape == (2, 5 * K, 2)
