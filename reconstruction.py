@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import animation
+
 
 def _to_uint8(frames):
     """(T, 3, H, W) tensor in [0, 1] -> (T, H, W, 3) uint8 array."""
@@ -27,25 +29,14 @@ def _to_uint8(frames):
 
 
 def predict_video(networks, video, batch_size):
-    """Predictions (T, 3, H, W) for ``video`` (3, T, H, W) with frame 0 as source, no autograd."""
-    kp_detector = networks["kp_detector"]
-    dense_motion_network = networks["dense_motion_network"]
-    inpainting_network = networks["inpainting_network"]
-    bg_predictor = networks.get("bg_predictor")
+    """Predictions (T, 3, H, W) for ``video`` (3, T, H, W) with frame 0 as source, no autograd.
+
+    Like the official reconstruction, the BG predictor (when the model has one) gives the background
+    motion between frame 0 and each frame (``animation.Animator`` with ``background=True``).
+    """
     frames = video.permute(1, 0, 2, 3)
-    source = frames[:1]
-    kp_source = kp_detector(source)["fg_kp"]
-    predictions = []
-    for start in range(0, frames.shape[0], batch_size):
-        driving = frames[start:start + batch_size]
-        count = driving.shape[0]
-        sources = source.expand(count, -1, -1, -1)
-        kp_driving = kp_detector(driving)
-        bg_param = bg_predictor(sources, driving) if bg_predictor is not None else None
-        dense_motion = dense_motion_network(source_image=sources, kp_driving=kp_driving,
-                                            kp_source={"fg_kp": kp_source.expand(count, -1, -1)},
-                                            bg_param=bg_param, dropout_flag=False, dropout_p=0.0)
-        predictions.append(inpainting_network(sources, dense_motion)["prediction"])
+    animator = animation.Animator(networks, frames[:1], "standard", background=True)
+    predictions = [animator(frames[start:start + batch_size]) for start in range(0, frames.shape[0], batch_size)]
     return torch.cat(predictions, dim=0)
 
 

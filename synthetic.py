@@ -30,7 +30,6 @@ import shutil
 import sys
 import time
 
-import imageio_ffmpeg
 import numpy as np
 from PIL import Image
 
@@ -267,6 +266,8 @@ def write_video(frames, path, video_format):
         return
     if video_format != "mp4":
         raise ValueError(f"unknown synthetic video format {video_format!r}; expected one of {FORMATS}")
+    import imageio_ffmpeg  # only where video is written: the ffmpeg binary is an optional, large dependency
+
     height, width = frames.shape[1:3]
     writer = imageio_ffmpeg.write_frames(path + ".mp4", (width, height), fps=FPS, codec="libx264",
                                          quality=MP4_QUALITY, macro_block_size=2, ffmpeg_log_level="error",
@@ -294,8 +295,7 @@ def _check_params(seed, num_train, num_test, num_frames, size, video_format):
         raise ValueError(f"synthetic.size must be even for mp4 (yuv420p), got {size}")
 
 
-def generate_dataset(root_dir, seed=0, num_train=256, num_test=32, num_frames=32, size=64, format="mp4",
-                     workers=None, force=False):
+def generate_dataset(root_dir, seed, num_train, num_test, num_frames, size, format, workers=None, force=False):
     """Render the synthetic data set into ``root_dir`` (FOMM layout); returns ``root_dir``.
 
     Videos are named ``00000`` ... (``.mp4`` files or folders of ``0000.png`` ...). The layout is built

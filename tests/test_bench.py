@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bench import speed
-from demo import Animator
+from animation import Animator
 
 
 @pytest.fixture
@@ -53,10 +53,10 @@ def test_channels_last_switch_changes_memory_format_not_outputs():
     driving = torch.rand(2, 3, 32, 32)
     conv = next(p for p in networks["inpainting_network"].parameters() if p.dim() == 4 and p.shape[-1] > 1)
     with torch.no_grad():
-        reference = Animator(networks, source, "standard")(driving)
+        reference = Animator(networks, source, "standard", background=False)(driving)
         speed.set_memory_format(networks, True)
         assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
-        fast = Animator(networks, source.contiguous(memory_format=torch.channels_last), "standard")(
+        fast = Animator(networks, source.contiguous(memory_format=torch.channels_last), "standard", background=False)(
             driving.contiguous(memory_format=torch.channels_last))
         speed.set_memory_format(networks, False)
         assert conv.is_contiguous()
@@ -64,7 +64,7 @@ def test_channels_last_switch_changes_memory_format_not_outputs():
     assert (fast - reference).abs().max() < 1e-4  # float32 rounding of the other convolution order
 
 
-@pytest.mark.parametrize("motion", ["motion=tps", "fit_method=gauss_newton"])
+@pytest.mark.parametrize("motion", ["motion=tps", "cpab.fit_method=gauss_newton"])
 def test_amp_training_step_runs_with_the_warps_in_float32(motion):
     """Under bf16 autocast the keypoint solves and fits stay float32 (they have no bf16 kernels)."""
     config = speed.load(speed.CONFIG, list(speed.BASE_OVERRIDES) + list(speed.QUICK_OVERRIDES)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import run
-from logger import load_checkpoint
+from checkpoint import load_checkpoint
 from train import Distributed, NonFiniteLossError, check_finite, clip_gradients, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +34,7 @@ def tiny_overrides(data_dir):
         "model_params.dense_motion_params.max_features=16",
         "model_params.dense_motion_params.num_blocks=2",
         "model_params.dense_motion_params.scale_factor=0.25",
-        "model_params.dense_motion_params.gn_iter=2",
+        "model_params.dense_motion_params.cpab.gn_iter=2",
         "model_params.avd_network_params.id_bottle_size=8",
         "model_params.avd_network_params.pose_bottle_size=8",
         "train_params.num_epochs=2",

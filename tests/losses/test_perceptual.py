@@ -51,7 +51,7 @@ def test_gradient_reaches_the_prediction_only():
     assert pred.grad.abs().sum() > 0 and target.grad is None
     assert all(p.grad is None and not p.requires_grad for p in loss.parameters())
     loss.train()
-    assert not loss.slices.training
+    assert not loss.encoder.training
 
 
 def test_torchvision_vgg19_checkpoint_loads(tmp_path):
@@ -70,11 +70,11 @@ def test_num_layers_skips_the_deeper_blocks_and_keeps_the_first_values():
     """num_layers=2 runs only relu1_1 and relu2_1: same first two values as the full loss, zeros after."""
     torch.manual_seed(0)
     features = build_vgg19_features()
-    full = PerceptualLoss(features, scales=[1, 0.5])
-    short = PerceptualLoss(features, scales=[1, 0.5], num_layers=2)
+    full = PerceptualLoss(features, scales=[1, 0.5], num_channels=3)
+    short = PerceptualLoss(features, scales=[1, 0.5], num_channels=3, num_layers=2)
     prediction, target = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
     expected, got = full(prediction, target), short(prediction, target)
-    assert len(short.slices) == 2
+    assert len(short.encoder) == 2
     assert torch.allclose(got[:2], expected[:2])
     assert torch.equal(got[2:], torch.zeros(3))
     assert expected[2:].abs().sum() > 0

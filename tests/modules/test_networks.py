@@ -1,7 +1,7 @@
 import torch
 
 from configuration import load_config
-from modules import (AVDNetwork, BGMotionPredictor, InpaintingNetwork, KPDetector, build_networks)
+from modules import AVDNetwork, BGMotionPredictor, CPABMotion, InpaintingNetwork, KPDetector, TPSMotion, build_networks
 from modules.blocks import make_coordinate_grid
 
 K = 2
@@ -11,7 +11,7 @@ TINY = ["model_params.common_params.num_cpab=2",
         "model_params.dense_motion_params.block_expansion=8",
         "model_params.dense_motion_params.max_features=32",
         "model_params.dense_motion_params.num_blocks=3",
-        "model_params.dense_motion_params.max_iter=2",
+        "model_params.dense_motion_params.cpab.max_iter=2",
         "model_params.avd_network_params.id_bottle_size=16",
         "model_params.avd_network_params.pose_bottle_size=16"]
 
@@ -30,8 +30,8 @@ def test_vox256_parameter_counts_equal_the_official_ones():
         "avd_network": 2_583_652,
     }
     dense = nets["dense_motion_network"]
-    assert dense.partial_cpab.dim == 58 and dense.global_cpab_transform.dim == 130
-    assert dense.max_iter == 100 and dense.global_iter == 150
+    assert dense.motion.partial_cpab.dim == 58 and dense.motion.global_cpab_transform.dim == 130
+    assert dense.motion.max_iter == 100 and dense.motion.global_iter == 150
     # State-dict names of the official checkpoints (the CPAB bases are not saved).
     keys = set(dense.state_dict())
     assert {"down.weight", "maps.weight", "up.1.norm.bias", "occlusion.3.weight",
@@ -44,17 +44,21 @@ def test_vox256_parameter_counts_equal_the_official_ones():
 
 def test_builder_switches():
     dm = "model_params.dense_motion_params."
+    cpab = dm + "cpab."
     cfg = load_config("config/vox-256.yaml", overrides=TINY + [
-        "model_params.common_params.bg=false", dm + "motion=tps", dm + "fit_method=gauss_newton", dm + "gn_iter=3",
-        dm + "gn_damping=0.02", dm + "fit_lr=0.05", dm + "theta_init=0.0", dm + "global_iter_multiplier=2.0",
-        dm + "kp_variance=0.02", dm + "detach_keypoints=false"])
+        "model_params.common_params.bg=false", cpab + "fit_method=gauss_newton", cpab + "gn_iter=3",
+        cpab + "gn_damping=0.02", cpab + "fit_lr=0.05", cpab + "theta_init=0.0", cpab + "global_iter_multiplier=2.0",
+        dm + "kp_variance=0.02", cpab + "detach_keypoints=false"])
     nets = build_networks(cfg)
     assert nets["bg_predictor"] is None
     net = nets["dense_motion_network"]
-    assert net.num_warps == K + 1
-    assert (net.fit_method, net.gn_iter, net.gn_damping, net.fit_lr, net.theta_init, net.global_iter,
-            net.kp_variance, net.detach_keypoints) == ("gauss_newton", 3, 0.02, 0.05, 0.0, 4, 0.02, False)
+    motion = net.motion
+    assert isinstance(motion, CPABMotion) and net.num_warps == K + 2
+    assert (motion.fit_method, motion.gn_iter, motion.gn_damping, motion.fit_lr, motion.theta_init, motion.global_iter,
+            net.kp_variance, motion.detach_keypoints) == ("gauss_newton", 3, 0.02, 0.05, 0.0, 4, 0.02, False)
     assert set(nets) == {"kp_detector", "dense_motion_network", "inpainting_network", "bg_predictor", "avd_network"}
+    tps = build_networks(load_config("config/vox-256.yaml", overrides=TINY + [dm + "motion=tps"]))
+    assert isinstance(tps["dense_motion_network"].motion, TPSMotion) and tps["dense_motion_network"].num_warps == K + 1
 
 
 def test_keypoint_detector_shapes_and_range():
@@ -85,7 +89,7 @@ def _identity_motion(bs, size):
 
 
 def test_inpainting_network_shapes_and_identity_blend():
-    net = InpaintingNetwork(num_channels=3, block_expansion=8, max_features=32, num_down_blocks=3)
+    net = InpaintingNetwork(num_channels=3, block_expansion=8, max_features=32, num_down_blocks=3, multi_mask=True)
     source = torch.rand(2, 3, 64, 64)
     out = net(source, _identity_motion(2, 64))
     assert out["prediction"].shape == (2, 3, 64, 64)
