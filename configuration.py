@@ -128,7 +128,8 @@ SCHEMA = Section(required=True, keys={
             "num_test": Key("int", 32, "videos in <root_dir>/test", interval=_COUNT),
             "num_frames": Key("int", 32, "frames per video", interval="[2, inf)"),
             "size": Key("int", 64, "frame height = width in pixels", interval="[16, inf)"),
-            "format": Key("str", "mp4", "mp4 (lossy, small on disk) | frames (lossless png folders, fast random access)",
+            "format": Key("str", "mp4",
+                          "mp4 (lossy, small on disk) | frames (lossless png folders, fast random access)",
                           choices=("mp4", "frames")),
         }),
         "augmentation_params": Section(help="training augmentation, identical for source and driving "

@@ -2,10 +2,11 @@
 
 ``GeneratorFullModel.forward(x, epoch, step)`` follows the official forward: keypoints on source S
 and driving D; background affine from ``bg_start``; dropout-softmax schedule; dense motion and
-inpainting (``animation.animate``, the path reconstruction and the demo take too); then the losses. Every loss returns an unweighted value; the weights
-``train_params.loss_weights`` are applied here only, and a loss whose weight is 0 is neither built
-(no pretrained file looked up or loaded) nor computed. loss_dict keys: perceptual,
-equivariance_value, warp_loss, bg, sam, structure (each present only when on and computed).
+inpainting (``animation.animate``, the path reconstruction and the demo take too); then the losses.
+Every loss returns an unweighted value; the weights ``train_params.loss_weights`` are applied here
+only, and a loss whose weight is 0 is neither built (no pretrained file looked up or loaded) nor
+computed. loss_dict keys: perceptual, equivariance_value, warp_loss, bg, sam, structure (each present
+only when on and computed).
 """
 import torch
 from torch import nn

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from skimage.draw import disk
 from tqdm import tqdm
 
-
 # Colour tables: (position, (r, g, b)) stops of piecewise-linear colour maps, values in [0, 1].
 _COLORMAPS = {
     "gist_rainbow": ((0.000, (1.00, 0.00, 0.16)), (0.030, (1.00, 0.00, 0.00)),
@@ -106,7 +105,7 @@ class Visualizer:
         for images, key in ((source_np, "kp_source"), (driving_np, "kp_driving")):
             if key in out:
                 keypoints = _keypoints(out[key])[:count]
-                images = np.stack([self.draw_keypoints(image, kp) for image, kp in zip(images, keypoints)])
+                images = np.stack([self.draw_keypoints(image, kp) for image, kp in zip(images, keypoints, strict=True)])
             columns.append(images)
         if "deformed" in out:
             columns.append(_to_hwc(out["deformed"][:count], size))

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 import animation
+from frames_dataset import dataset_from_config
 
 
 def _to_uint8(frames):
@@ -95,8 +96,6 @@ def reconstruction(config, networks, dataset, out_dir, device, progress=True):
 
 def evaluate_test_split(config, networks, run_dir, device, dist):
     """Reconstruct the config's test split on the main rank (the others wait): its metrics, None elsewhere."""
-    from frames_dataset import dataset_from_config
-
     metrics = None
     if dist.is_main:
         dataset = dataset_from_config(config["dataset_params"], is_train=False)

@@ -32,6 +32,10 @@ import time
 
 import numpy as np
 from PIL import Image
+from skimage import data
+from skimage.transform import resize
+
+from configuration import ConfigError, load_config
 
 FORMATS = ("mp4", "frames")
 FPS = 25
@@ -48,8 +52,6 @@ GREY_TEXTURES = ("brick", "grass", "gravel", "camera", "moon", "coins", "clock",
 @functools.lru_cache(maxsize=1)
 def _bundled_images():
     """The bundled scikit-image pictures as float32 (H, W, 3) in [0, 1] (grey replicated); cached."""
-    from skimage import data
-
     images = []
     for name in COLOUR_TEXTURES + GREY_TEXTURES:
         image = np.asarray(getattr(data, name)())
@@ -65,8 +67,6 @@ def texture_pool(size):
 
     Returns a tuple of ``(name, image, is_grey)``; cached per process.
     """
-    from skimage.transform import resize
-
     target = max(2 * size, 96)
     pool = []
     for name, image, is_grey in _bundled_images():
@@ -314,7 +314,7 @@ def generate_dataset(root_dir, seed, num_train, num_test, num_frames, size, form
     staging = f"{root_dir}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     jobs = []
-    for split_index, (split, count) in enumerate(zip(SPLITS, (num_train, num_test))):
+    for split_index, (split, count) in enumerate(zip(SPLITS, (num_train, num_test), strict=True)):
         os.makedirs(os.path.join(staging, split))
         for video_index in range(count):
             path = os.path.join(staging, split, f"{video_index:05d}")
@@ -364,8 +364,6 @@ def ensure_dataset(dataset_params, workers=None):
 
 
 def main(argv=None):
-    from configuration import ConfigError, load_config
-
     parser = argparse.ArgumentParser(description="Generate the synthetic data set of a config.")
     parser.add_argument("--config", required=True, help="a config with dataset_params.synthetic set")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",

@@ -15,7 +15,6 @@ import math
 import os
 import random
 import re
-import time
 import warnings
 from dataclasses import dataclass
 
@@ -116,7 +115,7 @@ def check_finite(losses, step, epoch, dist):
     if dist.initialized:
         torch.distributed.all_reduce(all_finite, op=torch.distributed.ReduceOp.MIN)
     flag, *values = torch.cat([all_finite, stacked]).tolist()
-    host = dict(zip(means, values))
+    host = dict(zip(means, values, strict=True))
     if not flag:
         bad = [name for name, value in host.items() if not math.isfinite(value)]
         where = f"loss '{bad[0]}' is {host[bad[0]]}" if bad else "a loss on another rank is not finite"
@@ -141,7 +140,7 @@ def clip_gradients(modules, max_norm, step, epoch):
         return
     finite = torch.isfinite(torch.stack([norm.float() for norm in norms.values()])).tolist()
     if not all(finite):
-        name = next(name for name, ok in zip(norms, finite) if not ok)
+        name = next(name for name, ok in zip(norms, finite, strict=True) if not ok)
         raise NonFiniteLossError(f"gradient of {name} is not finite at step {step} (epoch {epoch}); "
                                  f"stopped before updating the weights, no checkpoint written for this epoch")
 

@@ -27,7 +27,8 @@ on, timed over cycles of N real training steps.
 Weights are random (``train_params.pretrained.allow_random_weights: true``; speed does not depend on
 them), inputs are random tensors, no data set is read. Times are the median of the timed repeats after
 the warm-up ones, with ``torch.cuda.synchronize()`` before and after each repeat on CUDA. A row that
-fails prints ``failed: <error>`` and the run goes on.
+fails prints ``failed: <error>`` and the run goes on; without segment-anything the SAM rows print
+``skipped: segment_anything is not installed``.
 
 On CPU the sizes are REDUCED (printed in the header: 64x64 inputs, batch 2, narrower networks, 10 fit
 iterations, small SAM / DINO / VGG stand-ins of the same classes) and the bf16 and channels_last rows
@@ -45,6 +46,8 @@ import sys
 import time
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
+from torchvision.models.vgg import cfgs, make_layers
 
 from animation import Animator
 from configuration import load_config
@@ -140,8 +143,6 @@ def measure(fn, device, warmup, repeats):
 # ----------------------------------------------------------------------------- frozen encoders
 def _sam_encoder_at(img_size, tiny):
     """A random SAM ``ImageEncoderViT`` built for ``img_size`` inputs: ViT-B's layout, or a 2-block stand-in."""
-    from functools import partial
-
     # segment-anything is optional (the GPU box may lack it): without it the SAM rows say so and the rest runs.
     from segment_anything.modeling import ImageEncoderViT
 
@@ -150,7 +151,8 @@ def _sam_encoder_at(img_size, tiny):
                                num_heads=2, out_chans=32, use_rel_pos=True, window_size=4, global_attn_indexes=(1,))
     return ImageEncoderViT(img_size=img_size, patch_size=16, embed_dim=768, depth=12, num_heads=12, out_chans=256,
                            mlp_ratio=4, qkv_bias=True, use_rel_pos=True, window_size=14,
-                           global_attn_indexes=(2, 5, 8, 11), norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
+                           global_attn_indexes=(2, 5, 8, 11),
+                           norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6))
 
 
 class Encoders:
@@ -171,9 +173,6 @@ class Encoders:
             self.dino = build_dino_vitb8(files.get("dino_vitb8"))
             self.dino_args = dict()
         else:
-            from timm.models.vision_transformer import VisionTransformer
-            from torchvision.models.vgg import cfgs, make_layers
-
             w = size["vgg_width"]
             self.vgg = make_layers([v if v == "M" else v // w for v in cfgs["E"]]).requires_grad_(False).eval()
             self._build_sam = functools.partial(_sam_encoder_at, size["sam_full"], tiny=True)
@@ -318,7 +317,9 @@ def guarded(fn):
     """fn() or the one-line failure text (a failing row must not stop the benchmark)."""
     try:
         return fn()
-    except (RuntimeError, TypeError, ValueError, ArithmeticError, ImportError) as error:
+    except ImportError as error:  # an optional dependency (segment-anything) is not installed
+        return f"skipped: {error.name or error} is not installed"
+    except (RuntimeError, TypeError, ValueError, ArithmeticError) as error:
         return _error(error)
 
 
@@ -408,9 +409,9 @@ def first(entry, index):
 
 def table(header, rows):
     widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
-    lines = [" | ".join(str(cell).ljust(width) for cell, width in zip(header, widths))]
+    lines = [" | ".join(str(cell).ljust(width) for cell, width in zip(header, widths, strict=True))]
     lines.append("-+-".join("-" * width for width in widths))
-    lines.extend(" | ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) for row in rows)
+    lines.extend(" | ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows)
     return "\n".join(lines)
 
 
@@ -436,7 +437,7 @@ def frozen_rows(encoders, size, device, run_bf16, every):
         if dtype == torch.bfloat16 and not run_bf16:
             frozen[row] = SKIPPED_BF16
             continue
-        frozen[row] = guarded(lambda: time_sam(encoders, size, device, input_size, dtype))
+        frozen[row] = guarded(functools.partial(time_sam, encoders, size, device, input_size, dtype))
     source = sam_rows[3][0] if run_bf16 else sam_rows[2][0]
     amortised = frozen[source]
     frozen[f"sam every {every} steps ({source.split(' ', 1)[1]}), amortised"] = (

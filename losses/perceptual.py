@@ -19,6 +19,7 @@ from losses.pretrained import IMAGENET_MEAN, IMAGENET_STD, FrozenEncoderLoss, fr
 from modules.blocks import AntiAliasInterpolation2d
 
 VGG19_SLICES = ((0, 2), (2, 7), (7, 12), (12, 21), (21, 30))
+NUM_LAYERS = len(VGG19_SLICES)
 
 
 def build_vgg19_features(weights_path=None):
@@ -56,7 +57,7 @@ class PerceptualLoss(FrozenEncoderLoss):
     their values are 0): for per-layer weights whose tail is 0, which then cost nothing.
     """
 
-    def __init__(self, features, scales, num_channels, num_layers=len(VGG19_SLICES)):
+    def __init__(self, features, scales, num_channels, num_layers=NUM_LAYERS):
         if num_channels != 3:
             raise ValueError(f"the VGG-19 perceptual loss needs 3-channel images, got num_channels={num_channels}")
         if not 1 <= num_layers <= len(VGG19_SLICES):
@@ -77,10 +78,10 @@ class PerceptualLoss(FrozenEncoderLoss):
 
     def forward(self, prediction, target):
         values = []
-        for pred_s, target_s in zip(self.pyramid(prediction), self.pyramid(target)):
+        for pred_s, target_s in zip(self.pyramid(prediction), self.pyramid(target), strict=True):
             with torch.no_grad():
                 target_feats = self.vgg_features(target_s)
             pred_feats = self.vgg_features(pred_s)
-            values.append(torch.stack([(p - t).abs().mean() for p, t in zip(pred_feats, target_feats)]))
+            values.append(torch.stack([(p - t).abs().mean() for p, t in zip(pred_feats, target_feats, strict=True)]))
         values = torch.stack(values).sum(dim=0)
         return torch.cat([values, values.new_zeros(len(VGG19_SLICES) - self.num_layers)])

@@ -15,7 +15,6 @@ uses its own bicubic interpolation, which differs slightly.
 """
 import timm
 import torch
-from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 

@@ -162,7 +162,7 @@ class DenseMotionNetwork(nn.Module):
                 features.append(out)
         else:
             features = [prediction[-1]]
-        occlusion_map = [torch.sigmoid(conv(f)) for conv, f in zip(self.occlusion, features)]
+        occlusion_map = [torch.sigmoid(conv(f)) for conv, f in zip(self.occlusion, features, strict=True)]
         return {
             "deformed_source": deformed_source,
             "transformations": transformations,

@@ -7,8 +7,8 @@ import re
 import pytest
 import torch
 
-from bench import speed
 from animation import Animator
+from bench import speed
 
 
 @pytest.fixture
@@ -77,4 +77,4 @@ def test_amp_training_step_runs_with_the_warps_in_float32(motion):
     step(speed.inputs(2, 32, torch.device("cpu"), False, seed=0))
     after = list(networks["dense_motion_network"].parameters())
     assert all(torch.isfinite(p).all() for p in after)
-    assert any(not torch.equal(a, b) for a, b in zip(after, before))
+    assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))

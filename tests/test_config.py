@@ -6,7 +6,16 @@ import pytest
 import yaml
 
 import configuration
-from configuration import SCHEMA, ConfigError, Key, Section, comment_mismatches, config_name, describe_schema, load_config
+from configuration import (
+    SCHEMA,
+    ConfigError,
+    Key,
+    Section,
+    comment_mismatches,
+    config_name,
+    describe_schema,
+    load_config,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "config", "*.yaml")))
@@ -275,7 +284,8 @@ def test_out_of_range_values_are_one_line_errors_naming_the_key_and_the_file(tmp
 def test_boundary_and_null_values_are_accepted():
     config = load_config(VOX, ["train_params.num_epochs=1", "train_params.dropout_maxp=1",
                                "train_params.dataloader_workers=0", "train_params.clip_grad_norm=null",
-                               "train_params.max_steps_per_epoch=null", "model_params.dense_motion_params.scale_factor=1",
+                               "train_params.max_steps_per_epoch=null",
+                               "model_params.dense_motion_params.scale_factor=1",
                                "model_params.dense_motion_params.cpab.theta_init=-0.5"])
     assert config["train_params"]["clip_grad_norm"] is None and config["train_params"]["dropout_maxp"] == 1.0
 

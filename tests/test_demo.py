@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import demo
-from configuration import load_config
 from checkpoint import save_checkpoint
+from configuration import load_config
 from modules import build_networks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

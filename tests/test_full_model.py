@@ -9,8 +9,13 @@ from timm.models.vision_transformer import VisionTransformer
 from torchvision.models.vgg import make_layers
 
 from configuration import load_config
-from full_model import (GeneratorFullModel, build_losses, dropout_schedule, required_pretrained_files,
-                        resolve_pretrained_files)
+from full_model import (
+    GeneratorFullModel,
+    build_losses,
+    dropout_schedule,
+    required_pretrained_files,
+    resolve_pretrained_files,
+)
 from losses.keypoint_semantic import KeypointSemanticLoss
 from losses.perceptual import PerceptualLoss
 from losses.pretrained import MissingWeightsError
@@ -146,7 +151,7 @@ def test_forward_backward_all_losses(config, networks, vgg_features):
     owners = [(name, p) for name in NETWORKS for p in networks[name].parameters()]
     for loss, reached in REACHES.items():
         grads = torch.autograd.grad(loss_dict[loss], [p for _, p in owners], retain_graph=True, allow_unused=True)
-        got = {name for (name, _), g in zip(owners, grads) if g is not None}
+        got = {name for (name, _), g in zip(owners, grads, strict=True) if g is not None}
         assert got == reached, loss
     sum(loss_dict.values()).backward()
     for name in NETWORKS:
@@ -173,7 +178,8 @@ def test_schedule_before_bg_start_and_sam_every_n_steps(config, networks, vgg_fe
     with torch.no_grad():
         loss_dict, _ = model(batch(), epoch=1, step=1)
         assert loss_dict == {} and seen["bg_param"] is None and seen["dropout_flag"]
-        assert seen["dropout_p"] == pytest.approx(min(1 / tp["dropout_inc_epoch"] * tp["dropout_maxp"] + tp["dropout_startp"], tp["dropout_maxp"]))
+        ramp = 1 / tp["dropout_inc_epoch"] * tp["dropout_maxp"] + tp["dropout_startp"]
+        assert seen["dropout_p"] == pytest.approx(min(ramp, tp["dropout_maxp"]))
         loss_dict, _ = model(batch(), epoch=3, step=2)
     assert sorted(loss_dict) == ["bg", "sam"] and seen["bg_param"].shape == (2, 3, 3)
     assert not seen["dropout_flag"] and seen["dropout_p"] == 0.0
@@ -195,7 +201,8 @@ def test_amp_runs_in_bfloat16_and_returns_float32_losses(config, networks):
 def test_forward_backward_with_cpab_motion(fit_method, vgg_features):
     config = load_config("config/synthetic-64.yaml", overrides=[
         f"model_params.dense_motion_params.cpab.fit_method={fit_method}",
-        "model_params.dense_motion_params.cpab.max_iter=3", "model_params.dense_motion_params.cpab.gn_iter=2", "model_params.common_params.num_cpab=2",
+        "model_params.dense_motion_params.cpab.max_iter=3", "model_params.dense_motion_params.cpab.gn_iter=2",
+        "model_params.common_params.num_cpab=2",
         "train_params.scales=[1, 0.5]",
         "model_params.generator_params.block_expansion=8", "model_params.generator_params.max_features=64",
         "model_params.dense_motion_params.block_expansion=8", "model_params.dense_motion_params.max_features=64"])

@@ -37,7 +37,8 @@ def test_layout_and_parameters(tiny):
     video = read_frames(os.path.join(tiny, "test", "00001"), frame_shape=(32, 32, 3))
     assert video.shape == (5, 32, 32, 3)
     assert not any(name.startswith("tiny.tmp") for name in os.listdir(os.path.dirname(tiny)))
-    assert len(FramesDataset(tiny, frame_shape=[32, 32, 3], id_sampling=False, is_train=True, augmentation_params=None)) == 3
+    dataset = FramesDataset(tiny, frame_shape=[32, 32, 3], id_sampling=False, is_train=True, augmentation_params=None)
+    assert len(dataset) == 3
 
 
 def test_same_seed_gives_identical_bytes_whatever_the_workers(tiny, tmp_path):

@@ -8,8 +8,12 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from segment_anything.modeling.image_encoder import get_rel_pos
 
 import losses.keypoint_semantic as ks
-from losses.keypoint_semantic import (KeypointSemanticLoss, adapt_image_encoder_state_dict, build_sam_image_encoder,
-                                      resize_image_encoder)
+from losses.keypoint_semantic import (
+    KeypointSemanticLoss,
+    adapt_image_encoder_state_dict,
+    build_sam_image_encoder,
+    resize_image_encoder,
+)
 
 MEAN = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
 STD = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)

@@ -17,7 +17,8 @@ def tiny_vgg19_features():
 
 
 def relu_features_by_hand(features, image):
-    x = (image - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    x = (image - mean) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     out = []
     for index, layer in enumerate(features[:30]):
         x = layer(x)
@@ -35,7 +36,7 @@ def test_per_layer_values_match_hand_computation():
         down = AntiAliasInterpolation2d(3, scale)
         with torch.no_grad():
             fp, ft = relu_features_by_hand(features, down(pred)), relu_features_by_hand(features, down(target))
-        expected += torch.stack([(a - b).abs().mean() for a, b in zip(fp, ft)])
+        expected += torch.stack([(a - b).abs().mean() for a, b in zip(fp, ft, strict=True)])
     values = loss(pred, target)
     assert values.shape == (5,)
     torch.testing.assert_close(values, expected, atol=1e-6, rtol=1e-5)

@@ -40,8 +40,13 @@ def dino_keys_by_hand(sd, image, layer, heads, patch):
     """Keys of block ``layer`` written from the raw state dict, DINO's way (qkv reshaped (T, 3, H, d),
     k = [1], heads concatenated), for one normalised image (3, H, W). Returns (T, dim)."""
     dim = sd["cls_token"].shape[-1]
-    ln = lambda x, p: F.layer_norm(x, (dim,), sd[p + ".weight"], sd[p + ".bias"], eps=1e-6)
-    lin = lambda x, p: x @ sd[p + ".weight"].T + sd[p + ".bias"]
+
+    def ln(x, p):
+        return F.layer_norm(x, (dim,), sd[p + ".weight"], sd[p + ".bias"], eps=1e-6)
+
+    def lin(x, p):
+        return x @ sd[p + ".weight"].T + sd[p + ".bias"]
+
     x = F.conv2d(image[None], sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=patch)
     x = x.flatten(2).transpose(1, 2)[0]
     x = torch.cat([sd["cls_token"][0], x], 0) + sd["pos_embed"][0]
@@ -112,7 +117,7 @@ def test_batched_loss_equals_official_per_image_sum():
                                transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
     sd = loss.encoder.state_dict()
     expected = 0.0
-    for a, b in zip(drv, pred):
+    for a, b in zip(drv, pred, strict=True):
         sim_a = cosine_by_hand(dino_keys_by_hand(sd, norm(a), 1, 2, 8))
         sim_b = cosine_by_hand(dino_keys_by_hand(sd, norm(b), 1, 2, 8))
         expected = expected + F.mse_loss(sim_b, sim_a)

@@ -115,7 +115,7 @@ def test_full_forward_backward_reaches_every_parameter():
     motion_out = nets["dense_motion_network"](source, kp_d, kp_s, bg_param=bg, dropout_flag=True, dropout_p=0.1)
     out = nets["inpainting_network"](source, motion_out)
     encode = nets["inpainting_network"].get_encode(driving, out["occlusion_map"])
-    warp = sum((a - b).abs().mean() for a, b in zip(out["warped_encoder_maps"], encode[::-1]))
+    warp = sum((a - b).abs().mean() for a, b in zip(out["warped_encoder_maps"], encode[::-1], strict=True))
     avd = nets["avd_network"](kp_s, kp_d)["fg_kp"]
     loss = (out["prediction"] - driving).abs().mean() + warp + avd.pow(2).mean()
     loss.backward()
