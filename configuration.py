@@ -39,10 +39,11 @@ def parse_interval(text):
     """``"[1, inf)"`` -> (1.0, inf, True, False): (low, high, low included, high included)."""
     if not text:
         return None
-    low, high = (part.strip() for part in text[1:-1].split(","))
-    if text[0] not in "[(" or text[-1] not in ")]":
+    match = re.fullmatch(r"([\[(])\s*(-?[0-9.e+-]+|-inf)\s*,\s*(-?[0-9.e+-]+|inf)\s*([\])])", text)
+    if match is None:
         raise ValueError(f"bad interval {text!r} in the config schema")
-    return float(low), float(high), text[0] == "[", text[-1] == "]"
+    opening, low, high, closing = match.groups()
+    return float(low), float(high), opening == "[", closing == "]"
 
 
 def in_interval(value, interval):

@@ -109,7 +109,8 @@ def build_parser():
                         help="driving frames per forward pass (default: 4). With fit_method adam the official "
                              "batch-wide fit loss couples the frames of a batch slightly; 1 is exactly per-frame")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. model_params.dense_motion_params.fit_method=gauss_newton")
+                        help="override a config key, e.g. "
+                             "model_params.dense_motion_params.cpab.fit_method=gauss_newton")
     return parser
 
 

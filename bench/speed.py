@@ -1,4 +1,4 @@
-"""End-to-end speed of CPABMM against a TPS motion model, measured side by side in one run (issue 9).
+"""End-to-end speed of CPABMM against a TPS motion model, measured side by side in one run.
 
     python -m bench.speed --device cuda          # the GPU table: vox-256 at full size (bs 8, 256x256)
     python -m bench.speed --device cpu --threads 1   # reduced sizes, labelled as such
@@ -544,7 +544,7 @@ def main(argv=None):
     switches_text = (f"{'amp, channels_last, ' if run_switches else ''}SAM {fast_dtype} @{size['sam_reduced']} every "
                      f"{every} steps, DINO {fast_dtype}")
     print(f"\nfull loss set (perceptual, equivariance, warp, bg, structure, SAM) per training step; switches on = "
-          f"{switches_text} (timed over cycles of {every} real steps); xTPS as above; issue target on one H100: "
+          f"{switches_text} (timed over cycles of {every} real steps); xTPS as above; the target on one H100: "
           f"<= 400 ms with the switches on")
     lines = []
     for motion, _ in MOTIONS:

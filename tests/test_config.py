@@ -317,3 +317,11 @@ def test_describe_and_check_from_the_command_line(tmp_path, capsys):
     raw["train_params"]["num_epochs"] = -3
     assert configuration.main(["--check", _write(tmp_path, raw, "bad.yaml")]) == 1
     assert "num_epochs' must be in [1, inf), got -3" in capsys.readouterr().err
+
+
+def test_a_cpab_key_at_its_former_place_points_to_its_section(tmp_path):
+    raw = _vox_raw()
+    raw["model_params"]["dense_motion_params"]["fit_method"] = "adam"
+    message = _error(_write(tmp_path, raw, "old-layout.yaml"))
+    assert "unknown key 'model_params.dense_motion_params.fit_method'" in message
+    assert "it belongs under 'model_params.dense_motion_params.cpab.fit_method'" in message
