@@ -282,3 +282,29 @@ def test_ddp_two_processes_gloo(trained, tmp_path):
     checkpoint = load_checkpoint(os.path.join(only_run_dir(tmp_path), "checkpoint.pth.tar"))
     # Each of the 2 ranks took 2 steps of 2 samples (global batch 4), in lock step.
     assert checkpoint["epoch"] == 1 and checkpoint["step"] == 2
+
+
+def test_training_step_steps_the_bg_predictor_from_bg_start_only():
+    from configuration import load_config
+    from full_model import GeneratorFullModel
+    from modules import build_networks
+    from train import make_optimizers, training_step
+
+    config = load_config(CONFIG, overrides=tiny_overrides("unused") + [
+        "model_params.dense_motion_params.motion=tps", "train_params.loss_weights.equivariance_value=0"])
+    networks = build_networks(config)
+    params = dict(config["train_params"], bg_start=1)
+    model = GeneratorFullModel(networks, params, losses={})
+    optimizers = make_optimizers(networks, params)
+    x = {"source": torch.rand(2, 3, 32, 32), "driving": torch.rand(2, 3, 32, 32)}
+    bg_before = [p.detach().clone() for p in networks["bg_predictor"].parameters()]
+    kp_before = [p.detach().clone() for p in networks["kp_detector"].parameters()]
+    means, generated = training_step(model, networks, optimizers, x, 0, 0, params, Distributed())
+    assert set(means) == {"warp_loss"} and all(type(v) is float for v in means.values())
+    assert generated["prediction"].shape == (2, 3, 32, 32)
+    assert not optimizers[1].state and all(torch.equal(a, b) for a, b in
+                                           zip(bg_before, networks["bg_predictor"].parameters(), strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(kp_before, networks["kp_detector"].parameters(), strict=True))
+    means, _ = training_step(model, networks, optimizers, x, 1, 1, params, Distributed())
+    assert set(means) == {"warp_loss", "bg"}
+    assert max(state["step"] for state in optimizers[1].state.values()) == 1
