@@ -138,3 +138,18 @@ def test_single_occlusion_mask_is_resized_to_every_level():
     out = net(source, motion)
     assert torch.allclose(out["prediction"], source, atol=1e-5)
     assert [m.shape[-1] for m in net.get_encode(source, motion["occlusion_map"])] == [64, 32, 16, 8]
+
+
+def test_state_dict_layouts_tpsmm_with_tps_and_official_with_cpab():
+    """Key counts of TPSMM's / the official CPABMM's vox-256 state dicts; the warp count shows in two shapes."""
+    counts = {"kp_detector": 122, "dense_motion_network": 59, "inpainting_network": 78, "bg_predictor": 122,
+              "avd_network": 69}
+    shapes = {"tps": ((11, 148, 7, 7), 84), "cpab": ((12, 151, 7, 7), 87)}   # K + 1 or K + 2 warps, K = 10
+    for motion, (maps, hourglass_in) in shapes.items():
+        nets = build_networks(load_config("config/vox-256.yaml",
+                                          overrides=[f"model_params.dense_motion_params.motion={motion}"]))
+        assert {name: len(net.state_dict()) for name, net in nets.items()} == counts, motion
+        dense = nets["dense_motion_network"].state_dict()
+        assert tuple(dense["maps.weight"].shape) == maps
+        assert dense["hourglass.encoder.down_blocks.0.conv.weight"].shape[1] == hourglass_in
+        assert not any(key.startswith("motion.") for key in dense), motion
