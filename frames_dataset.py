@@ -90,6 +90,17 @@ def _strip_count(path, frame_shape):
     return width // frame_w
 
 
+def _imageio_ffmpeg(path):
+    """The imageio-ffmpeg module, imported only where an .mp4/.mov is read: its ffmpeg binary is a large
+    dependency that a GPU-only stack may lack (then a one-line error naming the file)."""
+    try:
+        import imageio_ffmpeg
+    except ImportError:
+        raise DatasetError(f"{path}: reading .mp4/.mov needs imageio-ffmpeg (pip install imageio-ffmpeg); "
+                           f"frame folders, .gif and .png strips need nothing more") from None
+    return imageio_ffmpeg
+
+
 def count_frames(path, frame_shape=None):
     """Number of frames of a video entry (folder, strip, .gif, .mp4/.mov)."""
     lower = path.lower()
@@ -104,10 +115,8 @@ def count_frames(path, frame_shape=None):
         except (OSError, UnidentifiedImageError) as error:
             raise DatasetError(f"{path}: unreadable or corrupt video ({_first_line(error)})") from None
     if lower.endswith((".mp4", ".mov")):
-        import imageio_ffmpeg  # only where video is read: the ffmpeg binary is an optional, large dependency
-
         try:
-            count, _ = imageio_ffmpeg.count_frames_and_secs(path)
+            count, _ = _imageio_ffmpeg(path).count_frames_and_secs(path)
         except (OSError, RuntimeError, ValueError) as error:
             raise DatasetError(f"{path}: unreadable or corrupt video ({_first_line(error)})") from None
         if count < 1:
@@ -122,8 +131,7 @@ def _read_ffmpeg(path, wanted):
 
     ``wanted=None`` keeps every frame (one decoding pass, no separate count).
     """
-    import imageio_ffmpeg  # only where video is read (see count_frames)
-
+    imageio_ffmpeg = _imageio_ffmpeg(path)
     last = max(wanted) if wanted is not None else float("inf")
     found = {}
     reader = None

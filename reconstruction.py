@@ -7,10 +7,12 @@ reported mean is over all frames of the split (each frame weighs the same, as in
 to the L1 of the trivial baseline "predict the source frame" on the same frames.
 
 Writes under ``<out_dir>/reconstruction/``: ``png/<video>.png`` (the predicted frames side by side,
-lossless, the FOMM strip layout the protocol metrics read) and ``mp4/<video>.mp4`` (for viewing), and
+lossless, the FOMM strip layout the protocol metrics read) and ``mp4/<video>.mp4`` (for viewing; only
+with imageio-ffmpeg installed), and
 ``<out_dir>/metrics.json`` = {"l1", "baseline_l1", "frames", "per_video": {name: {"l1",
 "baseline_l1", "frames"}}}.
 """
+import importlib.util
 import json
 import os
 import warnings
@@ -50,7 +52,12 @@ def reconstruction(config, networks, dataset, out_dir, device, progress=True):
     png_dir = os.path.join(out_dir, "reconstruction", "png")
     mp4_dir = os.path.join(out_dir, "reconstruction", "mp4")
     os.makedirs(png_dir, exist_ok=True)
-    os.makedirs(mp4_dir, exist_ok=True)
+    # The mp4 previews need imageio-ffmpeg, which a GPU-only stack may lack; the PNG strips are the result.
+    write_mp4 = importlib.util.find_spec("imageio_ffmpeg") is not None
+    if write_mp4:
+        os.makedirs(mp4_dir, exist_ok=True)
+    else:
+        print("reconstruction: imageio-ffmpeg is not installed, so no mp4 previews (the PNG strips are written)")
     modes = {}
     for name, network in networks.items():
         if network is not None:
@@ -78,9 +85,10 @@ def reconstruction(config, networks, dataset, out_dir, device, progress=True):
                 images = _to_uint8(prediction)
                 file_name = name.replace(os.sep, "_")
                 imageio.imwrite(os.path.join(png_dir, file_name + ".png"), np.concatenate(list(images), axis=1))
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    imageio.mimsave(os.path.join(mp4_dir, file_name + ".mp4"), list(images), fps=15)
+                if write_mp4:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        imageio.mimsave(os.path.join(mp4_dir, file_name + ".mp4"), list(images), fps=15)
     finally:
         for name, training in modes.items():
             networks[name].train(training)

@@ -1,5 +1,5 @@
-"""demo.py: keypoint arithmetic by hand, and end to end on CPU with a tiny random checkpoint and a
-generated driving video that has an audio track."""
+"""demo.py: image conversion, and end to end on CPU with a tiny random checkpoint and a generated driving
+video that has an audio track (the keypoint arithmetic and the Animator are tested in test_animation.py)."""
 import os
 import re
 import subprocess
@@ -7,7 +7,6 @@ import sys
 import types
 
 import imageio
-import imageio_ffmpeg
 import numpy as np
 import pytest
 import torch
@@ -17,6 +16,7 @@ from checkpoint import save_checkpoint
 from configuration import load_config
 from modules import build_networks
 
+imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")  # the demo reads and writes video with its ffmpeg
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 N_FRAMES, FPS, SIZE = 6, 12, 32

@@ -69,6 +69,7 @@ def test_render_is_deterministic_and_uint8():
 
 
 def test_mp4_format_matches_the_frames(tiny, tmp_path):
+    pytest.importorskip("imageio_ffmpeg")  # the mp4 writer's ffmpeg; optional where only the GPU stack is installed
     root = str(tmp_path / "mp4")
     synthetic.generate_dataset(root, workers=1, **{**TINY, "format": "mp4", "num_train": 1, "num_test": 1})
     assert sorted(os.listdir(os.path.join(root, "train"))) == ["00000.mp4"]
