@@ -94,7 +94,7 @@ class Augmentation:
     Call: ``augmentation(clip (T, C, H, W) float in [0, 1], rng) -> clip``.
     """
 
-    def __init__(self, flip_param=None, resize_param=None, crop_param=None, jitter_param=None):
+    def __init__(self, flip_param, resize_param, crop_param, jitter_param):
         self.flip_param = flip_param
         self.resize_param = resize_param
         self.crop_param = crop_param
@@ -114,15 +114,14 @@ class Augmentation:
         if not isinstance(rng, np.random.Generator):
             raise TypeError(f"augmentation needs a numpy.random.Generator, got {type(rng).__name__}")
         if self.flip_param:
-            clip = random_flip(clip, rng, horizontal_flip=self.flip_param.get("horizontal_flip", False),
-                               time_flip=self.flip_param.get("time_flip", False))
+            clip = random_flip(clip, rng, horizontal_flip=self.flip_param["horizontal_flip"],
+                               time_flip=self.flip_param["time_flip"])
         if self.resize_param:
             clip = random_resize(clip, rng, ratio=self.resize_param["ratio"])
         if self.crop_param:
             clip = random_crop(clip, rng, size=self.crop_param["size"])
         if self.jitter_param:
-            clip = color_jitter(clip, rng, brightness=self.jitter_param.get("brightness", 0.0),
-                                contrast=self.jitter_param.get("contrast", 0.0),
-                                saturation=self.jitter_param.get("saturation", 0.0),
-                                hue=self.jitter_param.get("hue", 0.0))
+            clip = color_jitter(clip, rng, brightness=self.jitter_param["brightness"],
+                                contrast=self.jitter_param["contrast"], saturation=self.jitter_param["saturation"],
+                                hue=self.jitter_param["hue"])
         return clip.contiguous()

@@ -9,8 +9,9 @@ convention) shaped (B, 5K, 2). The driving video is streamed (never held in memo
 in batches under ``torch.inference_mode`` and written at the driving video's frame rate; the driving
 video's audio track, if any, is muxed into the result with the ffmpeg binary of imageio-ffmpeg.
 
-Like TPSMM's and the official demo, no background motion is used at test time: the dense motion network
-gets ``bg_param=None`` (identity background warp) even when the checkpoint has a BG predictor.
+Frames are animated by ``animation.Animator`` (the path training and reconstruction take too). Like
+TPSMM's and the official demo, no background motion is used: the dense motion network gets
+``bg_param=None`` (identity background warp) even when the checkpoint has a BG predictor.
 """
 import argparse
 import math
@@ -22,20 +23,20 @@ import tempfile
 import time
 
 import imageio
-import imageio_ffmpeg
 import numpy as np
 import torch
 import torch.nn.functional as F
 from skimage.util import img_as_float32
 from tqdm import tqdm
 
+import animation
+from checkpoint import load_checkpoint, load_network_states
 from configuration import load_config
-from logger import load_checkpoint
-from modules import build_networks
+from modules import MAIN_NETWORKS, build_networks
 
-MODES = ("relative", "standard", "avd")
-# The networks every mode needs; ``avd_network`` is added for --mode avd.
-MAIN_NETWORKS = ("kp_detector", "dense_motion_network", "inpainting_network")
+MODES = animation.MODES
+# The networks every mode needs (no BG predictor: no background motion); ``avd_network`` is added for --mode avd.
+DEMO_NETWORKS = tuple(name for name in MAIN_NETWORKS if name != "bg_predictor")
 # Containers into which the driving video's audio is muxed.
 AUDIO_CONTAINERS = (".mp4", ".m4v", ".mov", ".mkv")
 # Frame files of a driving frame folder.
@@ -108,7 +109,8 @@ def build_parser():
                         help="driving frames per forward pass (default: 4). With fit_method adam the official "
                              "batch-wide fit loss couples the frames of a batch slightly; 1 is exactly per-frame")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. model_params.dense_motion_params.fit_method=gauss_newton")
+                        help="override a config key, e.g. "
+                             "model_params.dense_motion_params.cpab.fit_method=gauss_newton")
     return parser
 
 
@@ -132,42 +134,23 @@ def _first_line(error):
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _state_dict_problem(error):
-    """The first problem of a ``load_state_dict`` error, shortened, with the number of further ones."""
-    problems = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
-    if not problems:
-        return _first_line(error)
-    first = problems[0] if len(problems[0]) <= 160 else problems[0][:157] + "..."
-    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-    return first + more
-
-
 def load_networks(config, config_path, checkpoint_path, device, mode):
     """Build the networks of ``config``, load them from the checkpoint, move to ``device``, eval mode.
 
     Returns a dict with kp_detector, dense_motion_network, inpainting_network (and avd_network for
     ``mode == "avd"``). The BG predictor is not loaded: the demo uses no background motion.
     """
+    names = DEMO_NETWORKS + (("avd_network",) if mode == "avd" else ())
+    built = build_networks(config)
     try:
         checkpoint = load_checkpoint(checkpoint_path, map_location=device)
+        if mode == "avd" and checkpoint.get("avd_network") is None:
+            raise DemoError(f"--mode avd needs an AVD network but checkpoint {checkpoint_path} has none "
+                            f"(train one with: python run.py --mode train_avd), or use --mode relative")
+        load_network_states(built, checkpoint, checkpoint_path, names, config_path=config_path)
     except (OSError, ValueError) as error:
         raise DemoError(_first_line(error)) from None
-    names = MAIN_NETWORKS + (("avd_network",) if mode == "avd" else ())
-    if mode == "avd" and checkpoint.get("avd_network") is None:
-        raise DemoError(f"--mode avd needs an AVD network but checkpoint {checkpoint_path} has none "
-                        f"(train one with: python run.py --mode train_avd), or use --mode relative")
-    built = build_networks(config)
-    networks = {}
-    for name in names:
-        if name not in checkpoint:
-            raise DemoError(f"checkpoint {checkpoint_path} has no {name!r} entry: not a checkpoint written by run.py")
-        try:
-            built[name].load_state_dict(checkpoint[name])
-        except (RuntimeError, TypeError, AttributeError) as error:
-            raise DemoError(f"checkpoint {checkpoint_path} does not match config {config_path}: {name}: "
-                            f"{_state_dict_problem(error)}") from None
-        networks[name] = built[name].to(device).eval()
-    return networks
+    return {name: built[name].to(device).eval() for name in names}
 
 
 def to_rgb_float(image):
@@ -216,88 +199,6 @@ def read_source_image(path, img_shape, device):
         return frames_to_tensor([image], img_shape, device)
     except (OSError, ValueError, RuntimeError, SyntaxError) as error:
         raise DemoError(f"cannot read source image {path}: {_first_line(error)}") from None
-
-
-def convex_hull_area(points):
-    """Area of the convex hull of 2-D points (N, 2) (Andrew's monotone chain + shoelace); 0 if degenerate.
-
-    Equals ``scipy.spatial.ConvexHull(points).volume`` (what the official code uses) for non-degenerate sets.
-    """
-    pts = sorted(set(map(tuple, np.asarray(points, dtype=np.float64).reshape(-1, 2).tolist())))
-    if len(pts) < 3:
-        return 0.0
-
-    def cross(o, a, b):
-        return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
-
-    def half(sequence):
-        chain = []
-        for point in sequence:
-            while len(chain) >= 2 and cross(chain[-2], chain[-1], point) <= 0:
-                chain.pop()
-            chain.append(point)
-        return chain[:-1]
-
-    hull = np.array(half(pts) + half(pts[::-1]))
-    if len(hull) < 3:
-        return 0.0
-    x, y = hull[:, 0], hull[:, 1]
-    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
-
-
-def movement_scale(kp_source, kp_driving_initial):
-    """sqrt(hull area of the source kps) / sqrt(hull area of the reference driving kps), both (B, N, 2).
-
-    Faithful to the official code: only batch element 0 of each is used.
-    """
-    source_area = convex_hull_area(kp_source[0].detach().float().cpu().numpy())
-    driving_area = convex_hull_area(kp_driving_initial[0].detach().float().cpu().numpy())
-    if driving_area <= 0.0:
-        raise DemoError("the keypoints of the reference driving frame are collinear; use --mode standard")
-    return math.sqrt(source_area) / math.sqrt(driving_area)
-
-
-def relative_keypoints(kp_source, kp_driving, kp_driving_initial, scale):
-    """Relative motion transfer: ``kp_source + scale * (kp_driving - kp_driving_initial)``.
-
-    kp_source (1|B, N, 2), kp_driving (B, N, 2), kp_driving_initial (1, N, 2), (x, y) in [-1, 1];
-    ``scale`` from :func:`movement_scale`. Returns (B, N, 2).
-    """
-    return (kp_driving - kp_driving_initial) * scale + kp_source
-
-
-class Animator:
-    """Source-specific state and the per-batch forward pass (call under ``torch.inference_mode``)."""
-
-    def __init__(self, networks, source, mode):
-        self.networks = networks
-        self.source = source
-        self.mode = mode
-        self.kp_source = networks["kp_detector"](source)["fg_kp"]
-        self.kp_initial = None
-        self.scale = None
-
-    def set_reference_frame(self, frame):
-        """Relative mode: keypoints of the reference driving frame (1, 3, H, W) and the movement scale."""
-        self.kp_initial = self.networks["kp_detector"](frame)["fg_kp"]
-        self.scale = movement_scale(self.kp_source, self.kp_initial)
-
-    def __call__(self, driving):
-        """(B, 3, H, W) driving frames -> (B, 3, H, W) predictions in [0, 1]."""
-        batch = driving.shape[0]
-        kp_driving = self.networks["kp_detector"](driving)["fg_kp"]
-        kp_source = self.kp_source.expand(batch, -1, -1)
-        if self.mode == "relative":
-            if self.kp_initial is None:
-                self.set_reference_frame(driving[:1])
-            kp_driving = relative_keypoints(kp_source, kp_driving, self.kp_initial, self.scale)
-        elif self.mode == "avd":
-            kp_driving = self.networks["avd_network"]({"fg_kp": kp_source}, {"fg_kp": kp_driving})["fg_kp"]
-        source = self.source.expand(batch, -1, -1, -1)
-        dense_motion = self.networks["dense_motion_network"](
-            source_image=source, kp_driving={"fg_kp": kp_driving}, kp_source={"fg_kp": kp_source},
-            bg_param=None, dropout_flag=False)
-        return self.networks["inpainting_network"](source_image=source, dense_motion=dense_motion)["prediction"]
 
 
 def frame_files(folder):
@@ -376,9 +277,16 @@ def iter_batches(path, batch_size):
         reader.close()
 
 
+def _ffmpeg_exe():
+    """The ffmpeg binary of imageio-ffmpeg (imported here: only the video paths need it)."""
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
 def _ffmpeg_probe(path):
     """What ``ffmpeg -i path`` prints about the file (its stream list), as text."""
-    probe = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", path],
+    probe = subprocess.run([_ffmpeg_exe(), "-hide_banner", "-i", path],
                            capture_output=True, text=True, errors="replace", check=False)
     return probe.stderr
 
@@ -397,7 +305,7 @@ def mux_audio(video_path, audio_path, result_path, duration):
     when the audio track is the shorter one. Returns True on success.
     """
     for audio_codec in ("copy", "aac"):
-        command = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-v", "error", "-i", video_path, "-i", audio_path,
+        command = [_ffmpeg_exe(), "-y", "-v", "error", "-i", video_path, "-i", audio_path,
                    "-map", "0:v:0", "-map", "1:a:0", "-c:v", "copy", "-c:a", audio_codec,
                    "-t", f"{duration:.6f}", result_path]
         if subprocess.run(command, capture_output=True, check=False).returncode == 0:
@@ -426,7 +334,7 @@ def find_best_frame(source, path, img_shape, batch_size, device):
             return None
         landmarks = np.asarray(faces[0], dtype=np.float64)[:, :2]
         landmarks = landmarks - landmarks.mean(axis=0, keepdims=True)
-        return landmarks / math.sqrt(max(convex_hull_area(landmarks), 1e-12))
+        return landmarks / math.sqrt(max(animation.convex_hull_area(landmarks), 1e-12))
 
     reference = normalised_landmarks(to_uint8(source)[0])
     if reference is None:
@@ -460,7 +368,7 @@ def animate(args, networks, source, fps, frame_estimate, reference_frame, video_
     progress = tqdm(total=frame_estimate, unit="frame", desc="animating", file=sys.stderr)
     try:
         with torch.inference_mode():
-            animator = Animator(networks, source, args.mode)
+            animator = animation.Animator(networks, source, args.mode, background=False)
             if reference_frame is not None and args.mode == "relative":
                 animator.set_reference_frame(reference_frame)
             for frames in iter_batches(args.driving_video, args.batch_size):
@@ -559,7 +467,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except DemoError as error:
+    except (DemoError, animation.AnimationError) as error:
         print(f"demo.py: error: {error}", file=sys.stderr)
         return 1
     return 0

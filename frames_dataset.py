@@ -19,10 +19,8 @@ Randomness: each item draws a seed from torch's global generator (seeded per Dat
 PyTorch, and by ``torch.manual_seed`` in the main process) and uses a ``numpy.random.Generator``.
 """
 
-import csv
 import os
 
-import imageio_ffmpeg
 import numpy as np
 import torch
 from PIL import Image, ImageSequence, UnidentifiedImageError
@@ -92,6 +90,17 @@ def _strip_count(path, frame_shape):
     return width // frame_w
 
 
+def _imageio_ffmpeg(path):
+    """The imageio-ffmpeg module, imported only where an .mp4/.mov is read: its ffmpeg binary is a large
+    dependency that a GPU-only stack may lack (then a one-line error naming the file)."""
+    try:
+        import imageio_ffmpeg
+    except ImportError:
+        raise DatasetError(f"{path}: reading .mp4/.mov needs imageio-ffmpeg (pip install imageio-ffmpeg); "
+                           f"frame folders, .gif and .png strips need nothing more") from None
+    return imageio_ffmpeg
+
+
 def count_frames(path, frame_shape=None):
     """Number of frames of a video entry (folder, strip, .gif, .mp4/.mov)."""
     lower = path.lower()
@@ -107,7 +116,7 @@ def count_frames(path, frame_shape=None):
             raise DatasetError(f"{path}: unreadable or corrupt video ({_first_line(error)})") from None
     if lower.endswith((".mp4", ".mov")):
         try:
-            count, _ = imageio_ffmpeg.count_frames_and_secs(path)
+            count, _ = _imageio_ffmpeg(path).count_frames_and_secs(path)
         except (OSError, RuntimeError, ValueError) as error:
             raise DatasetError(f"{path}: unreadable or corrupt video ({_first_line(error)})") from None
         if count < 1:
@@ -122,6 +131,7 @@ def _read_ffmpeg(path, wanted):
 
     ``wanted=None`` keeps every frame (one decoding pass, no separate count).
     """
+    imageio_ffmpeg = _imageio_ffmpeg(path)
     last = max(wanted) if wanted is not None else float("inf")
     found = {}
     reader = None
@@ -242,11 +252,9 @@ class FramesDataset(Dataset):
             the video is drawn among that identity's videos; ``len`` = number of identities.
         is_train: training items (pairs, augmented) or evaluation items (whole videos).
         augmentation_params: ``dataset_params.augmentation_params`` (training only; None = none).
-        pairs_list: CSV of animation pairs, used by ``PairedDataset``.
     """
 
-    def __init__(self, root_dir, frame_shape=None, id_sampling=False, is_train=True,
-                 augmentation_params=None, pairs_list=None):
+    def __init__(self, root_dir, frame_shape, id_sampling, is_train, augmentation_params):
         root_dir = str(root_dir)
         if not os.path.isdir(root_dir):
             raise DatasetError(f"dataset root_dir not found: {root_dir} (dataset_params.root_dir)")
@@ -270,7 +278,6 @@ class FramesDataset(Dataset):
         self.root_dir = root_dir
         self.is_train = is_train
         self.id_sampling = bool(id_sampling) and is_train
-        self.pairs_list = pairs_list
         self.augmentation = Augmentation.from_config(augmentation_params) if is_train else None
         if self.id_sampling:
             groups = {}
@@ -318,7 +325,7 @@ class DatasetRepeater(Dataset):
     forever.
     """
 
-    def __init__(self, dataset, num_repeats=100):
+    def __init__(self, dataset, num_repeats):
         if not isinstance(num_repeats, int) or num_repeats < 1:
             raise ValueError(f"num_repeats must be a positive int, got {num_repeats!r}")
         self.dataset = dataset
@@ -331,70 +338,16 @@ class DatasetRepeater(Dataset):
         return self.dataset[index % len(self.dataset)]
 
 
-def read_pairs_csv(path):
-    """Rows ``(source, driving)`` of a pairs CSV with a header holding ``source`` and ``driving``."""
-    if not os.path.isfile(path):
-        raise DatasetError(f"pairs list not found: {path} (dataset_params.pairs_list)")
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        fields = reader.fieldnames or []
-        if "source" not in fields or "driving" not in fields:
-            raise DatasetError(f"{path}: the pairs CSV needs the columns source,driving, got {','.join(fields)}")
-        return [(row["source"].strip(), row["driving"].strip()) for row in reader]
-
-
-class PairedDataset(Dataset):
-    """(source video, driving video) pairs of an evaluation ``FramesDataset`` for animation.
-
-    With a pairs CSV (columns ``source,driving``; names with or without their extension), the first
-    ``number_of_pairs`` rows whose two videos are in the data set. Without one, like FOMM:
-    ``number_of_pairs`` distinct (driving, source) index pairs drawn without replacement from the
-    first ``min(number_of_pairs, len)`` videos, seeded by ``seed``.
-    Items: ``driving_video``, ``driving_name``, ``source_video``, ``source_name``.
-    """
-
-    def __init__(self, initial_dataset, number_of_pairs, seed=0, pairs_list=None):
-        if getattr(initial_dataset, "is_train", False):
-            raise ValueError("PairedDataset needs an evaluation data set (is_train=False)")
-        self.initial_dataset = initial_dataset
-        pairs_list = pairs_list if pairs_list is not None else getattr(initial_dataset, "pairs_list", None)
-        if pairs_list is None:
-            rng = np.random.default_rng(seed)
-            count = min(number_of_pairs, len(initial_dataset))
-            grid = np.stack(np.meshgrid(np.arange(count), np.arange(count), indexing="ij"), -1).reshape(-1, 2)
-            chosen = rng.choice(len(grid), size=min(number_of_pairs, len(grid)), replace=False)
-            self.pairs = [tuple(int(i) for i in grid[k]) for k in chosen]
-        else:
-            lookup = {}
-            for position, name in enumerate(initial_dataset.videos):
-                lookup.setdefault(os.path.splitext(name)[0], position)
-                lookup[name] = position
-            rows = [(lookup[source], lookup[driving]) for source, driving in read_pairs_csv(pairs_list)
-                    if source in lookup and driving in lookup]
-            self.pairs = [(driving, source) for source, driving in rows[:number_of_pairs]]
-            if not self.pairs:
-                raise DatasetError(f"{pairs_list}: no pair names two videos of {initial_dataset.split_dir}")
-
-    def __len__(self):
-        return len(self.pairs)
-
-    def __getitem__(self, index):
-        driving_index, source_index = self.pairs[index]
-        driving = self.initial_dataset[driving_index]
-        source = self.initial_dataset[source_index]
-        return {"driving_video": driving["video"], "driving_name": driving["name"],
-                "source_video": source["video"], "source_name": source["name"]}
-
-
 def dataset_from_config(dataset_params, is_train):
     """Build the ``FramesDataset`` of a validated ``dataset_params`` section.
 
-    Generates the synthetic data set first when ``root_dir`` is missing and ``synthetic`` is set.
+    A synthetic data set (``dataset_params.synthetic``) is generated by ``run.py`` (or ``python
+    synthetic.py --config ...``) before this is called; a missing ``root_dir`` says so.
     """
-    from synthetic import ensure_dataset
-
-    ensure_dataset(dataset_params)
-    return FramesDataset(root_dir=dataset_params["root_dir"], frame_shape=dataset_params.get("frame_shape"),
-                         id_sampling=dataset_params.get("id_sampling", False), is_train=is_train,
-                         augmentation_params=dataset_params.get("augmentation_params"),
-                         pairs_list=dataset_params.get("pairs_list"))
+    root_dir = dataset_params["root_dir"]
+    if dataset_params["synthetic"] and not os.path.isdir(root_dir):
+        raise DatasetError(f"dataset root_dir not found: {root_dir} (dataset_params.root_dir); generate the "
+                           f"synthetic data set with: python synthetic.py --config <this config>")
+    return FramesDataset(root_dir=root_dir, frame_shape=dataset_params["frame_shape"],
+                         id_sampling=dataset_params["id_sampling"], is_train=is_train,
+                         augmentation_params=dataset_params["augmentation_params"])

@@ -1,15 +1,17 @@
 """The generator's training model: networks + losses, weighted in one place (FOMM/TPSMM/CPABMM).
 
 ``GeneratorFullModel.forward(x, epoch, step)`` follows the official forward: keypoints on source S
-and driving D; background affine from ``bg_start``; dropout-softmax schedule; dense motion;
-inpainting; then the losses. Every loss returns an unweighted value; the weights
-``train_params.loss_weights`` are applied here only, and a loss whose weight is 0 is neither built
-(no pretrained file looked up or loaded) nor computed. loss_dict keys: perceptual,
-equivariance_value, warp_loss, bg, sam, structure (each present only when on and computed).
+and driving D; background affine from ``bg_start``; dropout-softmax schedule; dense motion and
+inpainting (``animation.animate``, the path reconstruction and the demo take too); then the losses.
+Every loss returns an unweighted value; the weights ``train_params.loss_weights`` are applied here
+only, and a loss whose weight is 0 is neither built (no pretrained file looked up or loaded) nor
+computed. loss_dict keys: perceptual, equivariance_value, warp_loss, bg, sam, structure (each present
+only when on and computed).
 """
 import torch
 from torch import nn
 
+import animation
 from losses.background import background_loss
 from losses.equivariance import equivariance_loss, random_transform
 from losses.keypoint_semantic import KeypointSemanticLoss, build_sam_image_encoder
@@ -54,7 +56,7 @@ def resolve_pretrained_files(train_params):
     return resolved
 
 
-def build_losses(train_params, num_channels=3):
+def build_losses(train_params, num_channels):
     """The enabled losses that own frozen pretrained models, as {name: module}: perceptual
     (VGG-19), sam (SAM image encoder), structure (DINO ViT-B/8). Disabled ones are absent."""
     files = resolve_pretrained_files(train_params)
@@ -101,6 +103,9 @@ class GeneratorFullModel(nn.Module):
         self.dense_motion_network = networks["dense_motion_network"]
         self.inpainting_network = networks["inpainting_network"]
         self.bg_predictor = networks.get("bg_predictor")
+        # The networks animate() reads (the same modules as the attributes above, not registered twice).
+        self.networks = {"dense_motion_network": self.dense_motion_network,
+                         "inpainting_network": self.inpainting_network}
         self.train_params = train_params
         self.loss_weights = train_params["loss_weights"]
         self.amp = train_params["amp"]
@@ -113,11 +118,6 @@ class GeneratorFullModel(nn.Module):
         self.losses = nn.ModuleDict(losses)
         self.register_buffer("perceptual_weights",
                              torch.tensor(self.loss_weights["perceptual"], dtype=torch.float32), persistent=False)
-
-    @classmethod
-    def from_config(cls, config, networks):
-        """Build from a loaded config (``configuration.load_config``) and ``modules.build_networks(config)``."""
-        return cls(networks, config["train_params"])
 
     def forward(self, x, epoch, step=0):
         """x: {'source', 'driving'} (B, 3, H, W) in [0, 1]. Returns (loss_dict, generated): weighted
@@ -136,10 +136,8 @@ class GeneratorFullModel(nn.Module):
         bg_on = self.bg_predictor is not None and epoch >= tp["bg_start"]
         bg_param = self.bg_predictor(source, driving) if bg_on else None
         dropout_flag, dropout_p = dropout_schedule(epoch, tp)
-        dense_motion = self.dense_motion_network(source_image=source, kp_driving=kp_driving, kp_source=kp_source,
-                                                 bg_param=bg_param, dropout_flag=dropout_flag, dropout_p=dropout_p)
-        generated = dict(dense_motion)
-        generated.update(self.inpainting_network(source, dense_motion))
+        generated = animation.animate(self.networks, source, kp_source, kp_driving, bg_param=bg_param,
+                                      dropout_flag=dropout_flag, dropout_p=dropout_p)
         generated.update({"kp_source": kp_source, "kp_driving": kp_driving})
 
         w = self.loss_weights

@@ -1,77 +1,15 @@
-"""Checkpoints (atomic, plain dicts that load with ``weights_only=True``) and visualisation grids.
+"""Training logs: TensorBoard scalars and image grids, and the progress bar (rank 0 only).
 
-A checkpoint is a plain dict: network state dicts under their network names (kp_detector,
-dense_motion_network, inpainting_network, bg_predictor when there is one, avd_network when trained),
-optimizer / scheduler state dicts, integer counters (epoch, step), the seed and the resolved
-config as a plain nested dict. Nothing in it needs unpickling of arbitrary classes.
+``RunLog`` writes the running losses, learning rates and seconds per iteration every ``log_freq``
+iterations and a ``Visualizer`` grid every ``image_freq`` iterations under ``<run_dir>/tensorboard``.
 """
 import os
-import pickle
-import tempfile
+import time
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 from skimage.draw import disk
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used (unreadable, wrong content, other config)."""
-
-
-def save_checkpoint(path, state):
-    """Write ``state`` to ``path`` atomically: a temporary file in the same folder, then ``os.replace``.
-
-    A crash while writing leaves the previous file intact; readers never see a half-written file.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".pth.tar", dir=folder)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(state, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint dict with ``torch.load(weights_only=True)``; one-line errors for bad files."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {first_line}") from error
-    if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint {path} does not hold a dict but a {type(state).__name__}")
-    return state
-
-
-def first_difference(expected, found, prefix=""):
-    """Dotted key of the first difference between two nested dicts, with both values; None if equal."""
-    if isinstance(expected, dict) and isinstance(found, dict):
-        for key in sorted(set(expected) | set(found)):
-            name = f"{prefix}.{key}" if prefix else str(key)
-            if key not in expected or key not in found:
-                return name, expected.get(key, "<missing>"), found.get(key, "<missing>")
-            difference = first_difference(expected[key], found[key], name)
-            if difference is not None:
-                return difference
-        return None
-    if isinstance(expected, (list, tuple)) and isinstance(found, (list, tuple)):
-        if list(expected) == list(found):
-            return None
-        return prefix, expected, found
-    if expected != found:
-        return prefix, expected, found
-    return None
-
+from tqdm import tqdm
 
 # Colour tables: (position, (r, g, b)) stops of piecewise-linear colour maps, values in [0, 1].
 _COLORMAPS = {
@@ -126,7 +64,7 @@ class Visualizer:
     keypoint gets the colour of the colour map at index / count.
     """
 
-    def __init__(self, kp_size=5, draw_border=True, colormap="gist_rainbow"):
+    def __init__(self, kp_size, draw_border, colormap):
         colormap_rgb(colormap, 0.0)
         self.kp_size = kp_size
         self.draw_border = draw_border
@@ -167,7 +105,7 @@ class Visualizer:
         for images, key in ((source_np, "kp_source"), (driving_np, "kp_driving")):
             if key in out:
                 keypoints = _keypoints(out[key])[:count]
-                images = np.stack([self.draw_keypoints(image, kp) for image, kp in zip(images, keypoints)])
+                images = np.stack([self.draw_keypoints(image, kp) for image, kp in zip(images, keypoints, strict=True)])
             columns.append(images)
         if "deformed" in out:
             columns.append(_to_hwc(out["deformed"][:count], size))
@@ -190,3 +128,67 @@ class Visualizer:
             columns.append(np.clip(tinted_sum, 0.0, 1.0))
         grid = np.concatenate([self._column(images) for images in columns], axis=1)
         return (np.clip(grid, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+class RunLog:
+    """Rank-0 TensorBoard scalars/images and tqdm bar with running losses; silent on other ranks."""
+
+    def __init__(self, run_dir, dist, total_steps, initial_step, log_freq, image_freq, visualizer_params):
+        self.enabled = dist.is_main
+        self.log_freq = log_freq
+        self.image_freq = image_freq
+        self.sums = {}
+        self.counts = {}
+        self.count = 0
+        self.window_start = time.perf_counter()
+        self.writer = None
+        self.bar = None
+        self.visualizer = Visualizer(kp_size=visualizer_params["kp_size"],
+                                     draw_border=visualizer_params["draw_border"],
+                                     colormap=visualizer_params["colormap"])
+        if self.enabled:
+            # Imported here: only rank 0 writes, and tensorboard is slow to import.
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"))
+            self.bar = tqdm(total=total_steps, initial=initial_step, unit="it", dynamic_ncols=True)
+
+    def step(self, step, epoch, means, learning_rates):
+        """Record the losses of global step ``step`` (0-based, already done); write every log_freq."""
+        if not self.enabled:
+            return
+        for name, value in means.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(value)
+            self.counts[name] = self.counts.get(name, 0) + 1
+        self.count += 1
+        running = {name: total / self.counts[name] for name, total in self.sums.items()}
+        self.bar.set_postfix({"epoch": epoch, **{name: f"{value:.4f}" for name, value in running.items()}},
+                             refresh=False)
+        self.bar.update(1)
+        if (step + 1) % self.log_freq == 0:
+            seconds = (time.perf_counter() - self.window_start) / self.count
+            for name, value in running.items():
+                self.writer.add_scalar(f"loss/{name}", value, step + 1)
+            self.writer.add_scalar("loss/total", sum(running.values()), step + 1)
+            for name, value in learning_rates.items():
+                self.writer.add_scalar(f"lr/{name}", value, step + 1)
+            self.writer.add_scalar("time/seconds_per_iteration", seconds, step + 1)
+            self.sums = {}
+            self.counts = {}
+            self.count = 0
+            self.window_start = time.perf_counter()
+
+    def images(self, step, source, driving, generated, tag="train/grid"):
+        """Write a visualisation grid when ``step`` (0-based) is a multiple of image_freq."""
+        if self.enabled and step % self.image_freq == 0:
+            grid = self.visualizer.visualize(source, driving, generated)
+            self.writer.add_image(tag, grid, step, dataformats="HWC")
+
+    def message(self, text):
+        if self.enabled:
+            self.bar.write(text)
+
+    def close(self):
+        if self.enabled:
+            self.bar.close()
+            self.writer.close()

@@ -7,10 +7,12 @@ reported mean is over all frames of the split (each frame weighs the same, as in
 to the L1 of the trivial baseline "predict the source frame" on the same frames.
 
 Writes under ``<out_dir>/reconstruction/``: ``png/<video>.png`` (the predicted frames side by side,
-lossless, the FOMM strip layout the protocol metrics read) and ``mp4/<video>.mp4`` (for viewing), and
+lossless, the FOMM strip layout the protocol metrics read) and ``mp4/<video>.mp4`` (for viewing; only
+with imageio-ffmpeg installed), and
 ``<out_dir>/metrics.json`` = {"l1", "baseline_l1", "frames", "per_video": {name: {"l1",
 "baseline_l1", "frames"}}}.
 """
+import importlib.util
 import json
 import os
 import warnings
@@ -20,6 +22,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import animation
+from frames_dataset import dataset_from_config
+
 
 def _to_uint8(frames):
     """(T, 3, H, W) tensor in [0, 1] -> (T, H, W, 3) uint8 array."""
@@ -27,25 +32,14 @@ def _to_uint8(frames):
 
 
 def predict_video(networks, video, batch_size):
-    """Predictions (T, 3, H, W) for ``video`` (3, T, H, W) with frame 0 as source, no autograd."""
-    kp_detector = networks["kp_detector"]
-    dense_motion_network = networks["dense_motion_network"]
-    inpainting_network = networks["inpainting_network"]
-    bg_predictor = networks.get("bg_predictor")
+    """Predictions (T, 3, H, W) for ``video`` (3, T, H, W) with frame 0 as source, no autograd.
+
+    Like the official reconstruction, the BG predictor (when the model has one) gives the background
+    motion between frame 0 and each frame (``animation.Animator`` with ``background=True``).
+    """
     frames = video.permute(1, 0, 2, 3)
-    source = frames[:1]
-    kp_source = kp_detector(source)["fg_kp"]
-    predictions = []
-    for start in range(0, frames.shape[0], batch_size):
-        driving = frames[start:start + batch_size]
-        count = driving.shape[0]
-        sources = source.expand(count, -1, -1, -1)
-        kp_driving = kp_detector(driving)
-        bg_param = bg_predictor(sources, driving) if bg_predictor is not None else None
-        dense_motion = dense_motion_network(source_image=sources, kp_driving=kp_driving,
-                                            kp_source={"fg_kp": kp_source.expand(count, -1, -1)},
-                                            bg_param=bg_param, dropout_flag=False, dropout_p=0.0)
-        predictions.append(inpainting_network(sources, dense_motion)["prediction"])
+    animator = animation.Animator(networks, frames[:1], "standard", background=True)
+    predictions = [animator(frames[start:start + batch_size]) for start in range(0, frames.shape[0], batch_size)]
     return torch.cat(predictions, dim=0)
 
 
@@ -58,7 +52,12 @@ def reconstruction(config, networks, dataset, out_dir, device, progress=True):
     png_dir = os.path.join(out_dir, "reconstruction", "png")
     mp4_dir = os.path.join(out_dir, "reconstruction", "mp4")
     os.makedirs(png_dir, exist_ok=True)
-    os.makedirs(mp4_dir, exist_ok=True)
+    # The mp4 previews need imageio-ffmpeg, which a GPU-only stack may lack; the PNG strips are the result.
+    write_mp4 = importlib.util.find_spec("imageio_ffmpeg") is not None
+    if write_mp4:
+        os.makedirs(mp4_dir, exist_ok=True)
+    else:
+        print("reconstruction: imageio-ffmpeg is not installed, so no mp4 previews (the PNG strips are written)")
     modes = {}
     for name, network in networks.items():
         if network is not None:
@@ -86,9 +85,10 @@ def reconstruction(config, networks, dataset, out_dir, device, progress=True):
                 images = _to_uint8(prediction)
                 file_name = name.replace(os.sep, "_")
                 imageio.imwrite(os.path.join(png_dir, file_name + ".png"), np.concatenate(list(images), axis=1))
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    imageio.mimsave(os.path.join(mp4_dir, file_name + ".mp4"), list(images), fps=15)
+                if write_mp4:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        imageio.mimsave(os.path.join(mp4_dir, file_name + ".mp4"), list(images), fps=15)
     finally:
         for name, training in modes.items():
             networks[name].train(training)
@@ -104,8 +104,6 @@ def reconstruction(config, networks, dataset, out_dir, device, progress=True):
 
 def evaluate_test_split(config, networks, run_dir, device, dist):
     """Reconstruct the config's test split on the main rank (the others wait): its metrics, None elsewhere."""
-    from frames_dataset import dataset_from_config
-
     metrics = None
     if dist.is_main:
         dataset = dataset_from_config(config["dataset_params"], is_train=False)

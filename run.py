@@ -21,8 +21,12 @@ import torch
 import torch.distributed
 import yaml
 
-from logger import first_difference, load_checkpoint
-from train import NonFiniteLossError, Distributed, check_checkpoint_config
+import checkpoint as checkpoints
+from configuration import config_name, load_config
+from modules import MAIN_NETWORKS, build_networks
+from reconstruction import evaluate_test_split
+from synthetic import ensure_dataset
+from train import Distributed, NonFiniteLossError, train, train_avd
 
 MODES = ("train", "train_avd", "reconstruction")
 
@@ -68,7 +72,7 @@ def run_dir_name(config_path, tag, now=None):
     """``<config>-<tag>-<YYYYmmdd-HHMMSS>``; the tag may hold letters, digits, '.', '_' and '-' only."""
     if not re.fullmatch(r"[A-Za-z0-9._-]+", tag):
         raise ValueError(f"--tag {tag!r}: use letters, digits, '.', '_' and '-' only")
-    name = os.path.splitext(os.path.basename(config_path))[0]
+    name = config_name(config_path)
     stamp = (now or datetime.datetime.now()).strftime("%Y%m%d-%H%M%S")
     return f"{name}-{tag}-{stamp}"
 
@@ -87,13 +91,7 @@ def prepare_run_dir(args, config, dist, resume_dir=None):
     if dist.is_main:
         if resume_dir is not None:
             run_dir = resume_dir
-            config_path = os.path.join(run_dir, "config.yaml")
-            if os.path.exists(config_path):
-                with open(config_path) as stream:
-                    saved = yaml.safe_load(stream)
-                if first_difference(saved, config) is not None:
-                    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-                    config_path = os.path.join(run_dir, f"config-resumed-{stamp}.yaml")
+            config_path = checkpoints.resumed_config_path(run_dir, config)
         else:
             run_dir = os.path.join(args.log_dir, run_dir_name(args.config, args.tag or args.mode))
             os.makedirs(run_dir, exist_ok=False)
@@ -108,31 +106,20 @@ def execute(args, dist, device, created):
 
     ``created`` (a list) receives the run directory when this call creates a new one.
     """
-    from configuration import load_config
-
     config = load_config(args.config, args.overrides)
-    checkpoint = None
+    checkpoint, resume_dir = None, None
     if args.checkpoint is not None:
-        checkpoint = load_checkpoint(args.checkpoint, map_location="cpu")
-        check_checkpoint_config(checkpoint, config, args.checkpoint)
+        checkpoint, resume_dir = checkpoints.open_checkpoint(args.checkpoint, config, args.mode)
     elif args.mode != "train":
         raise ValueError(f"--mode {args.mode} needs --checkpoint")
     seed = int(checkpoint["seed"]) if checkpoint is not None and "seed" in checkpoint else args.seed
 
-    if config["dataset_params"].get("synthetic"):
-        from synthetic import ensure_dataset
+    # The one place the synthetic data set is generated (when root_dir is missing): rank 0, the others wait.
+    if dist.is_main:
+        ensure_dataset(config["dataset_params"])
+    dist.barrier()
 
-        if dist.is_main:
-            ensure_dataset(config["dataset_params"])
-        dist.barrier()
-
-    resume_dir = None
-    if checkpoint is not None and (args.mode == "train" or (args.mode == "train_avd"
-                                                            and "optimizer_avd" in checkpoint)):
-        resume_dir = os.path.dirname(os.path.abspath(args.checkpoint))
     torch.manual_seed(seed)
-    from modules import build_networks
-
     networks = build_networks(config, device)
     run_dir = prepare_run_dir(args, config, dist, resume_dir)
     if resume_dir is None:
@@ -141,19 +128,12 @@ def execute(args, dist, device, created):
         print(f"run directory: {run_dir}")
 
     if args.mode == "train":
-        from train import train
-
         return train(config, networks, run_dir, device, dist=dist, seed=seed, checkpoint=checkpoint,
                      checkpoint_path=args.checkpoint)
     if args.mode == "train_avd":
-        from train import train_avd
-
         return train_avd(config, networks, run_dir, device, dist=dist, seed=seed, checkpoint=checkpoint,
                          checkpoint_path=args.checkpoint)
-    from reconstruction import evaluate_test_split
-    from train import MAIN_NETWORKS, load_network_states
-
-    load_network_states(networks, checkpoint, args.checkpoint, MAIN_NETWORKS)
+    checkpoints.load_network_states(networks, checkpoint, args.checkpoint, MAIN_NETWORKS, config_path=args.config)
     return evaluate_test_split(config, networks, run_dir, device, dist)
 
 

@@ -30,9 +30,12 @@ import shutil
 import sys
 import time
 
-import imageio_ffmpeg
 import numpy as np
 from PIL import Image
+from skimage import data
+from skimage.transform import resize
+
+from configuration import ConfigError, load_config
 
 FORMATS = ("mp4", "frames")
 FPS = 25
@@ -49,8 +52,6 @@ GREY_TEXTURES = ("brick", "grass", "gravel", "camera", "moon", "coins", "clock",
 @functools.lru_cache(maxsize=1)
 def _bundled_images():
     """The bundled scikit-image pictures as float32 (H, W, 3) in [0, 1] (grey replicated); cached."""
-    from skimage import data
-
     images = []
     for name in COLOUR_TEXTURES + GREY_TEXTURES:
         image = np.asarray(getattr(data, name)())
@@ -66,8 +67,6 @@ def texture_pool(size):
 
     Returns a tuple of ``(name, image, is_grey)``; cached per process.
     """
-    from skimage.transform import resize
-
     target = max(2 * size, 96)
     pool = []
     for name, image, is_grey in _bundled_images():
@@ -267,6 +266,8 @@ def write_video(frames, path, video_format):
         return
     if video_format != "mp4":
         raise ValueError(f"unknown synthetic video format {video_format!r}; expected one of {FORMATS}")
+    import imageio_ffmpeg  # only where video is written: the ffmpeg binary is an optional, large dependency
+
     height, width = frames.shape[1:3]
     writer = imageio_ffmpeg.write_frames(path + ".mp4", (width, height), fps=FPS, codec="libx264",
                                          quality=MP4_QUALITY, macro_block_size=2, ffmpeg_log_level="error",
@@ -294,8 +295,7 @@ def _check_params(seed, num_train, num_test, num_frames, size, video_format):
         raise ValueError(f"synthetic.size must be even for mp4 (yuv420p), got {size}")
 
 
-def generate_dataset(root_dir, seed=0, num_train=256, num_test=32, num_frames=32, size=64, format="mp4",
-                     workers=None, force=False):
+def generate_dataset(root_dir, seed, num_train, num_test, num_frames, size, format, workers=None, force=False):
     """Render the synthetic data set into ``root_dir`` (FOMM layout); returns ``root_dir``.
 
     Videos are named ``00000`` ... (``.mp4`` files or folders of ``0000.png`` ...). The layout is built
@@ -314,7 +314,7 @@ def generate_dataset(root_dir, seed=0, num_train=256, num_test=32, num_frames=32
     staging = f"{root_dir}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     jobs = []
-    for split_index, (split, count) in enumerate(zip(SPLITS, (num_train, num_test))):
+    for split_index, (split, count) in enumerate(zip(SPLITS, (num_train, num_test), strict=True)):
         os.makedirs(os.path.join(staging, split))
         for video_index in range(count):
             path = os.path.join(staging, split, f"{video_index:05d}")
@@ -364,8 +364,6 @@ def ensure_dataset(dataset_params, workers=None):
 
 
 def main(argv=None):
-    from configuration import ConfigError, load_config
-
     parser = argparse.ArgumentParser(description="Generate the synthetic data set of a config.")
     parser.add_argument("--config", required=True, help="a config with dataset_params.synthetic set")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",

@@ -15,7 +15,6 @@ import math
 import os
 import random
 import re
-import time
 import warnings
 from dataclasses import dataclass
 
@@ -25,13 +24,13 @@ import torch.distributed
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import MultiStepLR
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm import tqdm
 
-from logger import (CheckpointError, Visualizer, first_difference, load_checkpoint,
-                    save_checkpoint)
-
-MAIN_NETWORKS = ("kp_detector", "dense_motion_network", "inpainting_network", "bg_predictor")
-CHECKPOINT_NAME = "checkpoint.pth.tar"
+from checkpoint import load_network_states, load_training_states, save_epoch, state_dicts
+from frames_dataset import DatasetRepeater, dataset_from_config
+from full_model import GeneratorFullModel
+from logger import RunLog
+from modules import MAIN_NETWORKS
+from reconstruction import evaluate_test_split
 
 
 class NonFiniteLossError(ArithmeticError):
@@ -68,33 +67,6 @@ def seed_everything(value):
     torch.manual_seed(value)
 
 
-def check_checkpoint_config(checkpoint, config, path):
-    """One-line error when the checkpoint was written for other ``model_params`` than ``config``'s."""
-    if "config" not in checkpoint or not isinstance(checkpoint["config"], dict):
-        raise CheckpointError(f"checkpoint {path} holds no config: not written by this framework")
-    saved = checkpoint["config"].get("model_params")
-    difference = first_difference(saved, config["model_params"], "model_params")
-    if difference is not None:
-        key, was, now = difference
-        raise CheckpointError(f"checkpoint {path} belongs to another config: {key} is {was!r} there "
-                              f"but {now!r} in this config")
-
-
-def load_network_states(networks, checkpoint, path, names):
-    """Load the state dicts of ``names`` from ``checkpoint`` into ``networks`` (one-line errors)."""
-    for name in names:
-        network = networks.get(name)
-        if network is None:
-            continue
-        if name not in checkpoint:
-            raise CheckpointError(f"checkpoint {path} has no '{name}' weights")
-        try:
-            network.load_state_dict(checkpoint[name])
-        except RuntimeError as error:
-            first_line = str(error).strip().splitlines()[0]
-            raise CheckpointError(f"checkpoint {path}: '{name}' does not fit this config: {first_line}") from error
-
-
 def make_loader(dataset, batch_size, num_workers, seed, epoch, dist, device):
     """DataLoader over this rank's share of epoch ``epoch``'s shuffled order (full batches only)."""
     sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
@@ -115,8 +87,6 @@ def per_rank_batch(batch_size, dist, key):
 
 def training_dataset(config, num_repeats):
     """The repeated training split, with a one-line error when it is empty."""
-    from frames_dataset import DatasetRepeater, dataset_from_config
-
     dataset = dataset_from_config(config["dataset_params"], is_train=True)
     if len(dataset) == 0:
         raise ValueError(f"dataset_params.root_dir: no training videos in "
@@ -145,7 +115,7 @@ def check_finite(losses, step, epoch, dist):
     if dist.initialized:
         torch.distributed.all_reduce(all_finite, op=torch.distributed.ReduceOp.MIN)
     flag, *values = torch.cat([all_finite, stacked]).tolist()
-    host = dict(zip(means, values))
+    host = dict(zip(means, values, strict=True))
     if not flag:
         bad = [name for name, value in host.items() if not math.isfinite(value)]
         where = f"loss '{bad[0]}' is {host[bad[0]]}" if bad else "a loss on another rank is not finite"
@@ -170,7 +140,7 @@ def clip_gradients(modules, max_norm, step, epoch):
         return
     finite = torch.isfinite(torch.stack([norm.float() for norm in norms.values()])).tolist()
     if not all(finite):
-        name = next(name for name, ok in zip(norms, finite) if not ok)
+        name = next(name for name, ok in zip(norms, finite, strict=True) if not ok)
         raise NonFiniteLossError(f"gradient of {name} is not finite at step {step} (epoch {epoch}); "
                                  f"stopped before updating the weights, no checkpoint written for this epoch")
 
@@ -200,78 +170,22 @@ def optimisation_step(networks, total, optimizer, optimizer_bg, max_norm, step, 
             target.zero_grad(set_to_none=True)
 
 
-class RunLog:
-    """Rank-0 TensorBoard scalars/images and tqdm bar with running losses; silent on other ranks."""
+def training_step(model, networks, optimizers, x, epoch, step, params, dist):
+    """One training iteration, as ``train`` runs it (and the benchmark times it).
 
-    def __init__(self, run_dir, dist, total_steps, initial_step, log_freq, image_freq, visualizer_params):
-        self.enabled = dist.is_main
-        self.log_freq = log_freq
-        self.image_freq = image_freq
-        self.sums = {}
-        self.counts = {}
-        self.count = 0
-        self.window_start = time.perf_counter()
-        self.writer = None
-        self.bar = None
-        self.visualizer = Visualizer(kp_size=visualizer_params["kp_size"],
-                                     draw_border=visualizer_params["draw_border"],
-                                     colormap=visualizer_params["colormap"])
-        if self.enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"))
-            self.bar = tqdm(total=total_steps, initial=initial_step, unit="it", dynamic_ncols=True)
-
-    def step(self, step, epoch, means, learning_rates):
-        """Record the losses of global step ``step`` (0-based, already done); write every log_freq."""
-        if not self.enabled:
-            return
-        for name, value in means.items():
-            self.sums[name] = self.sums.get(name, 0.0) + float(value)
-            self.counts[name] = self.counts.get(name, 0) + 1
-        self.count += 1
-        running = {name: total / self.counts[name] for name, total in self.sums.items()}
-        self.bar.set_postfix({"epoch": epoch, **{name: f"{value:.4f}" for name, value in running.items()}},
-                             refresh=False)
-        self.bar.update(1)
-        if (step + 1) % self.log_freq == 0:
-            seconds = (time.perf_counter() - self.window_start) / self.count
-            for name, value in running.items():
-                self.writer.add_scalar(f"loss/{name}", value, step + 1)
-            self.writer.add_scalar("loss/total", sum(running.values()), step + 1)
-            for name, value in learning_rates.items():
-                self.writer.add_scalar(f"lr/{name}", value, step + 1)
-            self.writer.add_scalar("time/seconds_per_iteration", seconds, step + 1)
-            self.sums = {}
-            self.counts = {}
-            self.count = 0
-            self.window_start = time.perf_counter()
-
-    def images(self, step, source, driving, generated, tag="train/grid"):
-        """Write a visualisation grid when ``step`` (0-based) is a multiple of image_freq."""
-        if self.enabled and step % self.image_freq == 0:
-            grid = self.visualizer.visualize(source, driving, generated)
-            self.writer.add_image(tag, grid, step, dataformats="HWC")
-
-    def message(self, text):
-        if self.enabled:
-            self.bar.write(text)
-
-    def close(self):
-        if self.enabled:
-            self.bar.close()
-            self.writer.close()
-
-
-def _state_dicts(networks, names):
-    return {name: networks[name].state_dict() for name in names if networks.get(name) is not None}
-
-
-def _save_epoch(run_dir, state, epochs_done, checkpoint_freq):
-    """Latest checkpoint every epoch, a numbered copy every ``checkpoint_freq`` epochs (both atomic)."""
-    save_checkpoint(os.path.join(run_dir, CHECKPOINT_NAME), state)
-    if epochs_done % checkpoint_freq == 0:
-        save_checkpoint(os.path.join(run_dir, f"checkpoint-{epochs_done:05d}.pth.tar"), state)
+    The full model's forward (weighted losses), the loss check (``check_finite``: one host
+    synchronisation, ``NonFiniteLossError`` before any update), backward, the official inf-norm
+    clipping and the Adam steps (``optimisation_step``); the BG predictor is clipped and stepped from
+    ``params["bg_start"]`` on. model: the (possibly DDP-wrapped) ``GeneratorFullModel``; optimizers:
+    ``make_optimizers``' pair. Returns ({loss name: mean as a float}, the generated outputs).
+    """
+    optimizer, optimizer_bg = optimizers
+    losses, generated = model(x, epoch, step)
+    total, means = check_finite(losses, step, epoch, dist)
+    train_bg = optimizer_bg is not None and epoch >= params["bg_start"]
+    optimisation_step(networks, total, optimizer, optimizer_bg if train_bg else None, params["clip_grad_norm"],
+                      step, epoch)
+    return means, generated
 
 
 def _wrap(module, dist, device):
@@ -283,14 +197,15 @@ def _wrap(module, dist, device):
 
 def train(config, networks, run_dir, device, dist=Distributed(), seed=0, checkpoint=None,
           checkpoint_path=None):
-    """Train the main networks (official optimisation, DESIGN.md §5); returns the reconstruction
-    metrics of the test split when ``train_params.evaluate_after_training`` is set, else None.
+    """Train the main networks; returns the reconstruction metrics of the test split when
+    ``train_params.evaluate_after_training`` is set, else None.
 
+    The official optimisation: one Adam (betas (0.5, 0.999), weight decay 1e-4) over generator, dense
+    motion and kp detector, a second one for the BG predictor stepped from bg_start, MultiStepLR x0.1 at
+    epoch_milestones, inf-norm clipping at clip_grad_norm, the dropout-softmax schedule.
     networks: ``modules.build_networks(config)``; checkpoint: a loaded checkpoint dict to resume from
     (its epoch, step, optimizer and scheduler states), already checked against ``config``.
     """
-    from full_model import GeneratorFullModel
-
     params = config["train_params"]
     for network in networks.values():
         if network is not None:
@@ -299,7 +214,6 @@ def train(config, networks, run_dir, device, dist=Distributed(), seed=0, checkpo
         for name in MAIN_NETWORKS:
             if networks.get(name) is not None:
                 networks[name].to(memory_format=torch.channels_last)
-    bg_predictor = networks.get("bg_predictor")
     optimizer, optimizer_bg = make_optimizers(networks, params)
     scheduler = MultiStepLR(optimizer, params["epoch_milestones"], gamma=0.1)
     scheduler_bg = None
@@ -309,13 +223,9 @@ def train(config, networks, run_dir, device, dist=Distributed(), seed=0, checkpo
     start_epoch, step = 0, 0
     if checkpoint is not None:
         load_network_states(networks, checkpoint, checkpoint_path, MAIN_NETWORKS)
-        for key, target in (("optimizer", optimizer), ("scheduler", scheduler),
-                            ("optimizer_bg", optimizer_bg), ("scheduler_bg", scheduler_bg)):
-            if target is None:
-                continue
-            if key not in checkpoint:
-                raise CheckpointError(f"checkpoint {checkpoint_path} has no '{key}' state: cannot resume")
-            target.load_state_dict(checkpoint[key])
+        load_training_states(checkpoint, checkpoint_path, {"optimizer": optimizer, "scheduler": scheduler,
+                                                           "optimizer_bg": optimizer_bg,
+                                                           "scheduler_bg": scheduler_bg})
         start_epoch, step = int(checkpoint["epoch"]), int(checkpoint["step"])
 
     dataset = training_dataset(config, params["num_repeats"])
@@ -334,17 +244,14 @@ def train(config, networks, run_dir, device, dist=Distributed(), seed=0, checkpo
             optimizer.zero_grad(set_to_none=True)
             if optimizer_bg is not None:
                 optimizer_bg.zero_grad(set_to_none=True)
-            train_bg = bg_predictor is not None and epoch >= params["bg_start"]
             for index, batch in enumerate(loader):
                 if index >= steps_per_epoch:
                     break
                 memory_format = torch.channels_last if params["channels_last"] else torch.contiguous_format
                 x = {key: batch[key].to(device, non_blocking=True).contiguous(memory_format=memory_format)
                      for key in ("source", "driving")}
-                losses, generated = model(x, epoch, step)
-                total, means = check_finite(losses, step, epoch, dist)
-                optimisation_step(networks, total, optimizer, optimizer_bg if train_bg else None,
-                                  params["clip_grad_norm"], step, epoch)
+                means, generated = training_step(model, networks, (optimizer, optimizer_bg), x, epoch, step,
+                                                 params, dist)
                 learning_rates = {"generator": optimizer.param_groups[0]["lr"]}
                 if optimizer_bg is not None:
                     learning_rates["bg_predictor"] = optimizer_bg.param_groups[0]["lr"]
@@ -359,20 +266,18 @@ def train(config, networks, run_dir, device, dist=Distributed(), seed=0, checkpo
                     warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
                     scheduler_bg.step()
             if dist.is_main:
-                state = _state_dicts(networks, MAIN_NETWORKS)
+                state = state_dicts(networks, MAIN_NETWORKS)
                 state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                              epoch=epoch + 1, step=step, seed=seed, config=config)
                 if optimizer_bg is not None:
                     state.update(optimizer_bg=optimizer_bg.state_dict(), scheduler_bg=scheduler_bg.state_dict())
-                _save_epoch(run_dir, state, epoch + 1, params["checkpoint_freq"])
+                save_epoch(run_dir, state, epoch + 1, params["checkpoint_freq"])
             dist.barrier()
     finally:
         log.close()
 
     if not params["evaluate_after_training"]:
         return None
-    from reconstruction import evaluate_test_split
-
     return evaluate_test_split(config, networks, run_dir, device, dist)
 
 
@@ -454,7 +359,7 @@ def train_avd(config, networks, run_dir, device, dist=Distributed(), seed=0, che
                              avd_network=avd_network.state_dict(), optimizer_avd=optimizer.state_dict(),
                              scheduler_avd=scheduler.state_dict(), avd_epoch=epoch + 1, avd_step=step,
                              seed=seed, config=config)
-                _save_epoch(run_dir, state, epoch + 1, params["checkpoint_freq"])
+                save_epoch(run_dir, state, epoch + 1, params["checkpoint_freq"])
             dist.barrier()
     finally:
         log.close()

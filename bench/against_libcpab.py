@@ -42,7 +42,7 @@ def _libcpab(tess, zero_boundary=False):
         import libcpab
         from libcpab.transformer import CPAB_transformer_slow
     except ImportError as error:
-        raise SystemExit(f"error: needs libcpab==0.1.3 (pip install -r requirements-dev.txt): {error}")
+        raise SystemExit(f"error: needs libcpab==0.1.3 (pip install -r requirements-dev.txt): {error}") from error
     T = libcpab.Cpab(list(tess), zero_boundary=zero_boundary, volume_perservation=False, override=True)
     own = T.params.basis
     T.params.basis = null_space_basis(tess[0], tess[1], zero_boundary).copy()
@@ -81,7 +81,7 @@ def velocity_table(sizes, generator):
             points = torch.rand(4, 2000, 2, dtype=torch.float64, generator=generator) * 3 - 1.5
             ours = model.velocity(points, theta)
             theirs = torch.stack([2 * T.calc_vectorfield(((p + 1) / 2).T.contiguous(), t.view(1, -1)).T
-                                  for p, t in zip(points, theta)])
+                                  for p, t in zip(points, theta, strict=True)])
             row.append(f"basis={basis}: {(ours - theirs).abs().max().item():.1e}")
         gap = abs(own - T.params.basis).max()
         row.append("libcpab's own basis here: " + ("the same" if gap == 0 else f"another rotation ({gap:.2f} apart)"))

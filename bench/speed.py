@@ -1,4 +1,4 @@
-"""End-to-end speed of CPABMM against a TPS motion model, measured side by side in one run (issue 9).
+"""End-to-end speed of CPABMM against a TPS motion model, measured side by side in one run.
 
     python -m bench.speed --device cuda          # the GPU table: vox-256 at full size (bs 8, 256x256)
     python -m bench.speed --device cpu --threads 1   # reduced sizes, labelled as such
@@ -6,12 +6,13 @@
 
 Rows: ``motion: tps``; ``motion: cpab`` with ``fit_method: adam`` (faithful, the official fit);
 ``motion: cpab`` with ``fit_method: gauss_newton`` (fast). For each, from ``config/vox-256.yaml``:
-(a) one training step as ``train.train`` runs it (forward of ``GeneratorFullModel`` at the epoch
-``bg_start``, so the BG predictor and the dropout softmax are on; ``train.check_finite``;
-``train.optimisation_step``: backward, clipping, both Adam steps), without the
+(a) one training step, ``train.training_step`` as ``train.train`` calls it (forward of
+``GeneratorFullModel`` at the epoch ``bg_start``, so the BG predictor and the dropout softmax are on;
+the loss check; backward, clipping, both Adam steps), without the
 structure (DINO) and SAM losses ("step"), and with the structure loss ("+struct"); the SAM loss is
 timed on its own (forward and backward into the keypoints, motion-independent table);
-(b) animating one frame at batch 1 (``demo.Animator``, mode standard: the source keypoints are cached,
+(b) animating one frame at batch 1 (``animation.Animator`` as the demo uses it, mode standard, no
+background motion: the source keypoints are cached,
 each call runs the kp detector on the driving frames, dense motion and the generator) and frames per
 second for one batch of 64 driving frames; (c) peak GPU memory (CUDA only).
 Every CPAB row shows its ratio to the TPS row measured with the same switches (time ratios: 1.10
@@ -26,7 +27,8 @@ on, timed over cycles of N real training steps.
 Weights are random (``train_params.pretrained.allow_random_weights: true``; speed does not depend on
 them), inputs are random tensors, no data set is read. Times are the median of the timed repeats after
 the warm-up ones, with ``torch.cuda.synchronize()`` before and after each repeat on CUDA. A row that
-fails prints ``failed: <error>`` and the run goes on.
+fails prints ``failed: <error>`` and the run goes on; without segment-anything the SAM rows print
+``skipped: segment_anything is not installed``.
 
 On CPU the sizes are REDUCED (printed in the header: 64x64 inputs, batch 2, narrower networks, 10 fit
 iterations, small SAM / DINO / VGG stand-ins of the same classes) and the bf16 and channels_last rows
@@ -36,6 +38,7 @@ On a shared CPU pass ``--threads 1``: oversubscribed OpenMP threads spin and slo
 """
 import argparse
 import copy
+import functools
 import json
 import math
 import statistics
@@ -43,23 +46,25 @@ import sys
 import time
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
+from torchvision.models.vgg import cfgs, make_layers
 
+from animation import Animator
 from configuration import load_config
-from demo import Animator
 from full_model import GeneratorFullModel, resolve_pretrained_files
 from losses.keypoint_semantic import KeypointSemanticLoss, build_sam_image_encoder
 from losses.perceptual import PerceptualLoss, build_vgg19_features
 from losses.structure import StructureLoss, build_dino_vitb8
-from modules import build_networks
-from train import MAIN_NETWORKS, Distributed, check_finite, make_optimizers, optimisation_step
+from modules import MAIN_NETWORKS, build_networks
+from train import Distributed, make_optimizers, training_step
 
 CONFIG = "config/vox-256.yaml"
 MOTIONS = (
     ("tps", ("model_params.dense_motion_params.motion=tps",)),
     ("cpab-adam", ("model_params.dense_motion_params.motion=cpab",
-                   "model_params.dense_motion_params.fit_method=adam")),
+                   "model_params.dense_motion_params.cpab.fit_method=adam")),
     ("cpab-gn", ("model_params.dense_motion_params.motion=cpab",
-                 "model_params.dense_motion_params.fit_method=gauss_newton")),
+                 "model_params.dense_motion_params.cpab.fit_method=gauss_newton")),
 )
 MOTION_HELP = {"tps": "TPSMM thin-plate splines", "cpab-adam": "CPAB, Adam fit (faithful)",
                "cpab-gn": "CPAB, Gauss-Newton fit (fast)"}
@@ -77,15 +82,15 @@ REDUCED_OVERRIDES = (
     "train_params.scales=[1, 0.5, 0.25]",
     "model_params.generator_params.block_expansion=16", "model_params.generator_params.max_features=128",
     "model_params.dense_motion_params.block_expansion=16", "model_params.dense_motion_params.max_features=128",
-    "model_params.dense_motion_params.num_blocks=3", "model_params.dense_motion_params.max_iter=10",
-    "model_params.dense_motion_params.gn_iter=5",
+    "model_params.dense_motion_params.num_blocks=3", "model_params.dense_motion_params.cpab.max_iter=10",
+    "model_params.dense_motion_params.cpab.gn_iter=5",
 )
 QUICK_OVERRIDES = (
     "model_params.common_params.num_cpab=2", "train_params.scales=[1, 0.5]",
     "model_params.generator_params.block_expansion=8", "model_params.generator_params.max_features=32",
     "model_params.dense_motion_params.block_expansion=8", "model_params.dense_motion_params.max_features=32",
     "model_params.dense_motion_params.num_blocks=2", "model_params.generator_params.num_down_blocks=2",
-    "model_params.dense_motion_params.max_iter=2", "model_params.dense_motion_params.gn_iter=1",
+    "model_params.dense_motion_params.cpab.max_iter=2", "model_params.dense_motion_params.cpab.gn_iter=1",
 )
 
 
@@ -138,8 +143,7 @@ def measure(fn, device, warmup, repeats):
 # ----------------------------------------------------------------------------- frozen encoders
 def _sam_encoder_at(img_size, tiny):
     """A random SAM ``ImageEncoderViT`` built for ``img_size`` inputs: ViT-B's layout, or a 2-block stand-in."""
-    from functools import partial
-
+    # segment-anything is optional (the GPU box may lack it): without it the SAM rows say so and the rest runs.
     from segment_anything.modeling import ImageEncoderViT
 
     if tiny:
@@ -147,30 +151,31 @@ def _sam_encoder_at(img_size, tiny):
                                num_heads=2, out_chans=32, use_rel_pos=True, window_size=4, global_attn_indexes=(1,))
     return ImageEncoderViT(img_size=img_size, patch_size=16, embed_dim=768, depth=12, num_heads=12, out_chans=256,
                            mlp_ratio=4, qkv_bias=True, use_rel_pos=True, window_size=14,
-                           global_attn_indexes=(2, 5, 8, 11), norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
+                           global_attn_indexes=(2, 5, 8, 11),
+                           norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6))
 
 
 class Encoders:
-    """The frozen pretrained models, built once and shared by the rows (one copy per dtype)."""
+    """The frozen pretrained models, built once and shared by the rows (one copy per dtype); the SAM
+    encoder on first use (segment-anything is optional)."""
 
     def __init__(self, config, size, device):
         tp = config["train_params"]
         self.size = size
         self.device = device
         self.num_keypoints = 5 * config["model_params"]["common_params"]["num_cpab"]
+        self.sam = None
         if size["encoders"] == "full":
             files = resolve_pretrained_files(tp)  # local weight files if present, else random (allowed)
             self.vgg = build_vgg19_features(files.get("vgg19"))
-            self.sam = build_sam_image_encoder(tp["pretrained"]["sam_model_type"], files.get("sam_checkpoint"))
+            self._build_sam = functools.partial(build_sam_image_encoder, tp["pretrained"]["sam_model_type"],
+                                                files.get("sam_checkpoint"))
             self.dino = build_dino_vitb8(files.get("dino_vitb8"))
             self.dino_args = dict()
         else:
-            from timm.models.vision_transformer import VisionTransformer
-            from torchvision.models.vgg import cfgs, make_layers
-
             w = size["vgg_width"]
             self.vgg = make_layers([v if v == "M" else v // w for v in cfgs["E"]]).requires_grad_(False).eval()
-            self.sam = _sam_encoder_at(size["sam_full"], tiny=True).requires_grad_(False).eval()
+            self._build_sam = functools.partial(_sam_encoder_at, size["sam_full"], tiny=True)
             dino_size = 56 if size["encoders"] == "small" else 32
             self.dino = VisionTransformer(img_size=dino_size, patch_size=8, embed_dim=64, depth=2, num_heads=2,
                                           num_classes=0, dynamic_img_size=True).requires_grad_(False).eval()
@@ -181,6 +186,8 @@ class Encoders:
 
     def sam_encoder(self, dtype):
         """The SAM encoder in ``dtype`` (one copy per dtype)."""
+        if self.sam is None:
+            self.sam = self._build_sam().requires_grad_(False).eval()
         if dtype not in self._sam:
             self._sam[dtype] = copy.deepcopy(self.sam).to(device=self.device, dtype=dtype)
         return self._sam[dtype]
@@ -197,7 +204,7 @@ class Encoders:
 
     def losses(self, train_params, sam_loss=None, structure_loss=None):
         """The ``losses`` dict ``GeneratorFullModel`` expects for ``train_params``' enabled losses."""
-        losses = {"perceptual": PerceptualLoss(self.vgg, scales=train_params["scales"]).to(self.device)}
+        losses = {"perceptual": PerceptualLoss(self.vgg, scales=train_params["scales"], num_channels=3).to(self.device)}
         if sam_loss is not None:
             losses["sam"] = sam_loss
         if structure_loss is not None:
@@ -227,21 +234,19 @@ def inputs(batch, size, device, channels_last, seed):
 
 
 def build_trainer(networks, config, losses):
-    """A callable x -> None running one training step exactly as ``train.train`` does (fresh optimisers,
+    """A callable x -> None running ``train.training_step`` as ``train.train`` does (fresh optimisers,
     a step counter that advances, so ``sam_params.every_n_steps`` applies)."""
     params = config["train_params"]
     device = next(networks["kp_detector"].parameters()).device
     model = GeneratorFullModel(networks, params, losses=losses).to(device).train()
-    optimizer, optimizer_bg = make_optimizers(networks, params)
+    optimizers = make_optimizers(networks, params)
     epoch = params["bg_start"]
     dist = Distributed()
     state = {"step": 0}
 
     def step(x):
         index = state["step"]
-        losses_now, _ = model(x, epoch, index)
-        total, _ = check_finite(losses_now, index, epoch, dist)
-        optimisation_step(networks, total, optimizer, optimizer_bg, params["clip_grad_norm"], index, epoch)
+        training_step(model, networks, optimizers, x, epoch, index, params, dist)
         state["step"] = index + 1
 
     return step
@@ -275,7 +280,7 @@ def time_animation(networks, config, size, device):
     many = inputs(size["anim_batch"], size["image"], device, channels_last, seed=3)["driving"]
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp)
     with torch.inference_mode(), autocast:
-        animator = Animator(networks, source, "standard")
+        animator = Animator(networks, source, "standard", background=False)
         frame, _ = measure(lambda: animator(one), device, size["warmup"], size["repeats"])
         batch, peak = measure(lambda: animator(many), device, min(size["warmup"], 1), max(1, size["repeats"] // 2))
     return frame, batch, peak
@@ -312,6 +317,8 @@ def guarded(fn):
     """fn() or the one-line failure text (a failing row must not stop the benchmark)."""
     try:
         return fn()
+    except ImportError as error:  # an optional dependency (segment-anything) is not installed
+        return f"skipped: {error.name or error} is not installed"
     except (RuntimeError, TypeError, ValueError, ArithmeticError) as error:
         return _error(error)
 
@@ -402,9 +409,9 @@ def first(entry, index):
 
 def table(header, rows):
     widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
-    lines = [" | ".join(str(cell).ljust(width) for cell, width in zip(header, widths))]
+    lines = [" | ".join(str(cell).ljust(width) for cell, width in zip(header, widths, strict=True))]
     lines.append("-+-".join("-" * width for width in widths))
-    lines.extend(" | ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) for row in rows)
+    lines.extend(" | ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows)
     return "\n".join(lines)
 
 
@@ -430,7 +437,7 @@ def frozen_rows(encoders, size, device, run_bf16, every):
         if dtype == torch.bfloat16 and not run_bf16:
             frozen[row] = SKIPPED_BF16
             continue
-        frozen[row] = guarded(lambda: time_sam(encoders, size, device, input_size, dtype))
+        frozen[row] = guarded(functools.partial(time_sam, encoders, size, device, input_size, dtype))
     source = sam_rows[3][0] if run_bf16 else sam_rows[2][0]
     amortised = frozen[source]
     frozen[f"sam every {every} steps ({source.split(' ', 1)[1]}), amortised"] = (
@@ -537,7 +544,7 @@ def main(argv=None):
     switches_text = (f"{'amp, channels_last, ' if run_switches else ''}SAM {fast_dtype} @{size['sam_reduced']} every "
                      f"{every} steps, DINO {fast_dtype}")
     print(f"\nfull loss set (perceptual, equivariance, warp, bg, structure, SAM) per training step; switches on = "
-          f"{switches_text} (timed over cycles of {every} real steps); xTPS as above; issue target on one H100: "
+          f"{switches_text} (timed over cycles of {every} real steps); xTPS as above; the target on one H100: "
           f"<= 400 ms with the switches on")
     lines = []
     for motion, _ in MOTIONS:

@@ -3,7 +3,7 @@
 The paper (CPABMM, AAAI 2024) uses a frozen Segment-Anything model to make corresponding keypoints
 of the source and driving frames semantically consistent. The official code does NOT contain this
 loss (its ``modules/sam_loss.py`` is missing and the call is commented out), so what follows is our
-reconstruction from the paper's description (DESIGN.md §4):
+reconstruction from the paper's description (README, "Faithful by default"):
 
 1. SAM's image encoder (``segment_anything``, frozen, under ``no_grad``, in ``sam_params.dtype``)
    embeds the source and the driving frames in one batch, with SAM's standard preprocessing:
@@ -32,18 +32,21 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from segment_anything import sam_model_registry
-from segment_anything.modeling import ImageEncoderViT
-from segment_anything.utils.transforms import ResizeLongestSide
-from torch import nn
 
-from losses.pretrained import freeze, load_state_dict_file
+from losses.pretrained import FrozenEncoderLoss, freeze, load_state_dict_file
 
 # SAM's pixel normalisation (``segment_anything.modeling.Sam`` defaults), in the [0, 255] range.
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 # Input size of every released SAM checkpoint (``segment_anything.build_sam``).
 SAM_INPUT_SIZE = 1024
+
+
+def preprocess_shape(height, width, long_side):
+    """(h', w') of an H x W image whose longest side is resized to ``long_side``, rounded as
+    ``segment_anything``'s ``ResizeLongestSide.get_preprocess_shape``."""
+    scale = long_side * 1.0 / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
 def check_input_size(input_size, image_encoder):
@@ -111,6 +114,10 @@ def resize_image_encoder(image_encoder, input_size):
     check_input_size(input_size, image_encoder)
     if input_size == image_encoder.img_size:
         return image_encoder
+    # segment-anything is an optional dependency (the GPU benchmark box lacks it): imported only here
+    # and in build_sam_image_encoder, when a SAM encoder is built.
+    from segment_anything.modeling import ImageEncoderViT
+
     reference = next(image_encoder.parameters())
     with torch.device(reference.device):
         resized = ImageEncoderViT(img_size=input_size, **image_encoder_arguments(image_encoder))
@@ -129,6 +136,8 @@ def build_sam_image_encoder(model_type, weights_path=None, input_size=None):
     """
     if model_type not in ("vit_b", "vit_l", "vit_h"):
         raise ValueError(f"train_params.pretrained.sam_model_type must be vit_b, vit_l or vit_h, got {model_type!r}")
+    from segment_anything import sam_model_registry  # optional dependency, see resize_image_encoder
+
     sam = sam_model_registry[model_type](checkpoint=None)
     if weights_path is not None:
         sam.load_state_dict(load_state_dict_file(weights_path), strict=True)
@@ -136,7 +145,7 @@ def build_sam_image_encoder(model_type, weights_path=None, input_size=None):
     return encoder if input_size is None else resize_image_encoder(encoder, input_size)
 
 
-class KeypointSemanticLoss(nn.Module):
+class KeypointSemanticLoss(FrozenEncoderLoss):
     """Unweighted SAM keypoint semantic loss (reconstruction; see the module docstring).
 
     image_encoder: a ``segment_anything`` ``ImageEncoderViT`` (``build_sam_image_encoder`` or a tiny
@@ -148,23 +157,13 @@ class KeypointSemanticLoss(nn.Module):
     forward(source, driving, kp_source, kp_driving) -> scalar.
     """
 
-    def __init__(self, image_encoder, input_size=SAM_INPUT_SIZE, dtype=torch.float32, every_n_steps=1):
-        super().__init__()
+    def __init__(self, image_encoder, input_size, dtype, every_n_steps):
         check_input_size(input_size, image_encoder)
         if every_n_steps < 1:
             raise ValueError(f"sam_params.every_n_steps must be >= 1, got {every_n_steps}")
-        self.encoder = freeze(resize_image_encoder(image_encoder, input_size).to(dtype))
+        super().__init__(resize_image_encoder(image_encoder, input_size), SAM_PIXEL_MEAN, SAM_PIXEL_STD, dtype)
         self.input_size = input_size
-        self.dtype = dtype
         self.every_n_steps = every_n_steps
-        self.register_buffer("pixel_mean", torch.tensor(SAM_PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(SAM_PIXEL_STD).view(1, 3, 1, 1), persistent=False)
-
-    def train(self, mode=True):
-        """The frozen encoder stays in eval mode."""
-        super().train(mode)
-        self.encoder.eval()
-        return self
 
     def active(self, step):
         """Whether the loss is computed at iteration ``step`` (every ``every_n_steps`` iterations)."""
@@ -172,7 +171,7 @@ class KeypointSemanticLoss(nn.Module):
 
     def resized_shape(self, height, width):
         """(h', w') of an H x W image after resizing its longest side to ``input_size``."""
-        return ResizeLongestSide.get_preprocess_shape(height, width, self.input_size)
+        return preprocess_shape(height, width, self.input_size)
 
     def preprocess(self, images):
         """[0, 1] images (B, 3, H, W) -> SAM encoder input (B, 3, S, S), S = ``input_size`` (the
@@ -180,7 +179,7 @@ class KeypointSemanticLoss(nn.Module):
         new_h, new_w = self.resized_shape(images.shape[2], images.shape[3])
         x = F.interpolate(images.float() * 255.0, size=(new_h, new_w), mode="bilinear", align_corners=False,
                           antialias=True)
-        x = (x - self.pixel_mean) / self.pixel_std
+        x = self.normalise(x)
         size = self.input_size
         x = F.pad(x, (0, size - new_w, 0, size - new_h))
         return x.to(self.dtype)
@@ -189,7 +188,7 @@ class KeypointSemanticLoss(nn.Module):
     def embed(self, images):
         """Frozen SAM embeddings (B, C, S/16, S/16), float32, no gradient. The encoder runs in
         ``dtype`` even inside an autocast region (autocast is switched off here)."""
-        with torch.autocast(device_type=images.device.type, enabled=False):
+        with self.exact_precision(images):
             return self.encoder(self.preprocess(images)).float()
 
     def embedding_grid(self, keypoints, height, width):

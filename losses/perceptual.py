@@ -15,10 +15,11 @@ import torch
 from torch import nn
 from torchvision.models.vgg import cfgs, make_layers
 
-from losses.pretrained import IMAGENET_MEAN, IMAGENET_STD, freeze, load_state_dict_file
+from losses.pretrained import IMAGENET_MEAN, IMAGENET_STD, FrozenEncoderLoss, freeze, load_state_dict_file
 from modules.blocks import AntiAliasInterpolation2d
 
 VGG19_SLICES = ((0, 2), (2, 7), (7, 12), (12, 21), (21, 30))
+NUM_LAYERS = len(VGG19_SLICES)
 
 
 def build_vgg19_features(weights_path=None):
@@ -44,50 +45,43 @@ class ImagePyramid(nn.Module):
         return [down(image) for down in self.downs]
 
 
-class PerceptualLoss(nn.Module):
+class PerceptualLoss(FrozenEncoderLoss):
     """Unweighted pyramid perceptual loss, per VGG-19 layer (see the module docstring).
 
-    features: the first 30 (or more) layers of ``vgg19().features`` (``build_vgg19_features``).
+    features: the first 30 (or more) layers of ``vgg19().features`` (``build_vgg19_features``); the
+    ``encoder`` holds its 5 (or ``num_layers``) slices, frozen, in float32 (under ``train_params.amp``
+    autocast runs them in bf16 like the rest of the forward).
     forward(prediction, target) -> (5,) tensor: values[i] = sum over scales of
     mean |relu_i(prediction_s) - relu_i(target_s)|, gradient only towards ``prediction``.
     num_layers: compute only the first ``num_layers`` relu outputs (the deeper VGG blocks are not run,
     their values are 0): for per-layer weights whose tail is 0, which then cost nothing.
     """
 
-    def __init__(self, features, scales, num_channels=3, num_layers=len(VGG19_SLICES)):
-        super().__init__()
+    def __init__(self, features, scales, num_channels, num_layers=NUM_LAYERS):
         if num_channels != 3:
             raise ValueError(f"the VGG-19 perceptual loss needs 3-channel images, got num_channels={num_channels}")
         if not 1 <= num_layers <= len(VGG19_SLICES):
             raise ValueError(f"num_layers must be in 1..{len(VGG19_SLICES)}, got {num_layers}")
+        slices = nn.ModuleList(nn.Sequential(*features[start:stop]) for start, stop in VGG19_SLICES[:num_layers])
+        super().__init__(slices, IMAGENET_MEAN, IMAGENET_STD, torch.float32)
         self.num_layers = num_layers
-        self.slices = nn.ModuleList(nn.Sequential(*features[start:stop]) for start, stop in VGG19_SLICES[:num_layers])
-        freeze(self.slices)
         self.pyramid = ImagePyramid(scales, num_channels)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-
-    def train(self, mode=True):
-        """The frozen VGG stays in eval mode."""
-        super().train(mode)
-        self.slices.eval()
-        return self
 
     def vgg_features(self, image):
         """List of the 5 relu feature maps of an image in [0, 1]."""
-        out = (image - self.mean.to(image.dtype)) / self.std.to(image.dtype)
+        out = self.normalise(image)
         feats = []
-        for block in self.slices:
+        for block in self.encoder:
             out = block(out)
             feats.append(out)
         return feats
 
     def forward(self, prediction, target):
         values = []
-        for pred_s, target_s in zip(self.pyramid(prediction), self.pyramid(target)):
+        for pred_s, target_s in zip(self.pyramid(prediction), self.pyramid(target), strict=True):
             with torch.no_grad():
                 target_feats = self.vgg_features(target_s)
             pred_feats = self.vgg_features(pred_s)
-            values.append(torch.stack([(p - t).abs().mean() for p, t in zip(pred_feats, target_feats)]))
+            values.append(torch.stack([(p - t).abs().mean() for p, t in zip(pred_feats, target_feats, strict=True)]))
         values = torch.stack(values).sum(dim=0)
         return torch.cat([values, values.new_zeros(len(VGG19_SLICES) - self.num_layers)])

@@ -14,6 +14,7 @@ import logging
 import os
 
 import torch
+from torch import nn
 
 from configuration import ConfigError
 
@@ -39,7 +40,7 @@ class MissingWeightsError(ConfigError):
     """A loss is on but its pretrained weight file is missing (one-line message, see the module doc)."""
 
 
-def source_of(key, sam_model_type="vit_b"):
+def source_of(key, sam_model_type):
     """(canonical file name, download URL) for ``train_params.pretrained.<key>``."""
     if key == "sam_checkpoint":
         return WEIGHT_SOURCES[f"sam_{sam_model_type}"]
@@ -54,7 +55,7 @@ def candidate_paths(path, default_name):
     return candidates
 
 
-def resolve_weight_file(key, path, allow_random_weights, sam_model_type="vit_b"):
+def resolve_weight_file(key, path, allow_random_weights, sam_model_type):
     """Existing file for ``train_params.pretrained.<key>``, or None when random weights are allowed.
 
     key: "vgg19" | "dino_vitb8" | "sam_checkpoint"; path: the configured path (may be None).
@@ -87,3 +88,36 @@ def freeze(module):
     for parameter in module.parameters():
         parameter.requires_grad_(False)
     return module
+
+
+class FrozenEncoderLoss(nn.Module):
+    """What the losses built on a frozen pretrained network (VGG-19, SAM, DINO) share.
+
+    ``encoder`` is frozen (``freeze``: no gradient reaches its weights), converted to ``dtype`` and
+    kept in eval mode whatever ``train()`` is called with (its BatchNorm / dropout never switch). The
+    input normalisation ``(images - mean) / std`` (per channel, in the value range the subclass feeds
+    it) uses non-persistent buffers: they follow the module to any device and are never saved.
+    :meth:`exact_precision` switches autocast off for encoders that must run in their own ``dtype``.
+    """
+
+    def __init__(self, encoder, mean, std, dtype):
+        super().__init__()
+        self.encoder = freeze(encoder.to(dtype))
+        self.dtype = dtype
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def train(self, mode=True):
+        """The frozen encoder stays in eval mode."""
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    def normalise(self, images):
+        """(images - mean) / std, per channel, in the images' dtype."""
+        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+
+    @staticmethod
+    def exact_precision(images):
+        """Context in which the encoder runs in its ``dtype`` even inside an autocast region."""
+        return torch.autocast(device_type=images.device.type, enabled=False)

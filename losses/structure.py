@@ -15,13 +15,15 @@ uses its own bicubic interpolation, which differs slightly.
 """
 import timm
 import torch
-from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from losses.pretrained import IMAGENET_MEAN, IMAGENET_STD, freeze, load_state_dict_file
+from losses.pretrained import IMAGENET_MEAN, IMAGENET_STD, FrozenEncoderLoss, freeze, load_state_dict_file
 
 DINO_LAYER = 11
+# Faithful to the official code: Resize(224, max_size=480) before the ViT.
+DINO_SIZE = 224
+DINO_MAX_SIZE = 480
 # Faithful to the official code: the denominator of the cosine similarity is clamped at 1e-8.
 COSINE_EPS = 1e-8
 
@@ -42,32 +44,23 @@ def cosine_self_similarity(tokens):
     return (tokens @ tokens.transpose(1, 2)) / factor
 
 
-class StructureLoss(nn.Module):
+class StructureLoss(FrozenEncoderLoss):
     """Unweighted DINO key self-similarity loss (see the module docstring).
 
-    vit: a timm ``VisionTransformer`` (``build_dino_vitb8`` or a tiny one in tests), frozen here.
+    vit: a timm ``VisionTransformer`` (``build_dino_vitb8`` or a tiny one in tests), frozen here (the
+    ``encoder``).
     layer: block whose attention keys are used. size / max_size: the ``Resize`` of the input
     (``torchvision.transforms.Resize(size, max_size=max_size)``). dtype: dtype the frozen ViT runs in.
     forward(prediction, driving) -> scalar; gradient only towards ``prediction``.
     """
 
-    def __init__(self, vit, layer=DINO_LAYER, size=224, max_size=480, dtype=torch.float32):
-        super().__init__()
+    def __init__(self, vit, dtype, layer=DINO_LAYER, size=DINO_SIZE, max_size=DINO_MAX_SIZE):
         if not 0 <= layer < len(vit.blocks):
             raise ValueError(f"structure loss layer {layer} out of range for a ViT with {len(vit.blocks)} blocks")
-        self.vit = freeze(vit.to(dtype))
+        super().__init__(vit, IMAGENET_MEAN, IMAGENET_STD, dtype)
         self.layer = layer
         self.size = size
         self.max_size = max_size
-        self.dtype = dtype
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-
-    def train(self, mode=True):
-        """The frozen ViT stays in eval mode."""
-        super().train(mode)
-        self.vit.eval()
-        return self
 
     def preprocess(self, images):
         """[0, 1] images (B, 3, H, W) -> resized, ImageNet-normalised images in the ViT's dtype.
@@ -77,7 +70,7 @@ class StructureLoss(nn.Module):
         """
         resized = TF.resize(images, [self.size], interpolation=InterpolationMode.BILINEAR,
                             max_size=self.max_size, antialias=False)
-        return ((resized - self.mean.to(resized.dtype)) / self.std.to(resized.dtype)).to(self.dtype)
+        return self.normalise(resized).to(self.dtype)
 
     def keys(self, images):
         """Keys of block ``layer`` for preprocessed images: (B, T, D), heads concatenated, CLS first.
@@ -85,7 +78,7 @@ class StructureLoss(nn.Module):
         The ViT runs up to that block's qkv projection only; the qkv output is laid out
         [q | k | v] x [head] x [head_dim] (as in DINO and timm), so the keys are its middle third.
         """
-        vit = self.vit
+        vit = self.encoder
         x = vit.patch_embed(images)
         x = vit._pos_embed(x)
         x = vit.patch_drop(x)
@@ -100,7 +93,7 @@ class StructureLoss(nn.Module):
     def self_similarity(self, images):
         """[0, 1] images (B, 3, H, W) -> (B, T, T) float32 cosine self-similarity of the keys.
         The ViT runs in ``dtype`` even inside an autocast region (autocast is switched off here)."""
-        with torch.autocast(device_type=images.device.type, enabled=False):
+        with self.exact_precision(images):
             return cosine_self_similarity(self.keys(self.preprocess(images)).float())
 
     def forward(self, prediction, driving):

@@ -1,13 +1,30 @@
-"""CPABMM networks (keypoint detector, background predictor, dense motion, generator, AVD) and the
-builder that maps a validated config (see configuration.py, key names as in config/vox-256.yaml)."""
+"""CPABMM networks (keypoint detector, background predictor, dense motion and its motion model, generator,
+AVD) and the builder that maps a validated config (see configuration.py, key names as in
+config/vox-256.yaml) onto their explicit constructor arguments."""
 from modules.avd_network import AVDNetwork
 from modules.bg_motion_predictor import BGMotionPredictor
 from modules.dense_motion import DenseMotionNetwork
 from modules.inpainting_network import InpaintingNetwork
 from modules.keypoint_detector import KPDetector
+from modules.motion import KEYPOINTS_PER_GROUP, MOTION_MODELS, CPABMotion, TPSMotion
 
-__all__ = ["AVDNetwork", "BGMotionPredictor", "DenseMotionNetwork", "InpaintingNetwork", "KPDetector",
-           "build_networks"]
+__all__ = ["MAIN_NETWORKS", "AVDNetwork", "BGMotionPredictor", "CPABMotion", "DenseMotionNetwork",
+           "InpaintingNetwork", "KPDetector", "TPSMotion", "build_motion", "build_networks"]
+
+# The networks of the animation model, trained by ``run.py --mode train`` (the AVD network is trained
+# afterwards on top of them); checkpoint entries under these names. bg_predictor is None without bg.
+MAIN_NETWORKS = ("kp_detector", "dense_motion_network", "inpainting_network", "bg_predictor")
+
+
+def build_motion(model_params):
+    """The motion model named by ``dense_motion_params.motion``: ``MOTION_MODELS[name](num_groups=K,
+    **dense_motion_params[name])`` (the config section of that name holds its constructor arguments)."""
+    dense_motion = model_params["dense_motion_params"]
+    name = dense_motion["motion"]
+    if name not in MOTION_MODELS:
+        raise ValueError(f"model_params.dense_motion_params.motion must be one of {', '.join(MOTION_MODELS)}, "
+                         f"got {name!r}")
+    return MOTION_MODELS[name](num_groups=model_params["common_params"]["num_cpab"], **dense_motion[name])
 
 
 def build_networks(config, device=None):
@@ -25,16 +42,10 @@ def build_networks(config, device=None):
     networks = {
         "kp_detector": KPDetector(num_cpab=num_cpab),
         "dense_motion_network": DenseMotionNetwork(
-            block_expansion=dm["block_expansion"], num_blocks=dm["num_blocks"],
-            max_features=dm["max_features"], num_cpab=num_cpab, num_channels=common["num_channels"],
-            scale_factor=dm["scale_factor"], bg=common["bg"], multi_mask=common["multi_mask"],
-            kp_variance=dm["kp_variance"], motion=dm["motion"], global_cpab=dm["global_cpab"],
-            partial_tess_size=tuple(dm["partial_tess_size"]), global_tess_size=tuple(dm["global_tess_size"]),
-            zero_boundary=dm["zero_boundary"], volume_preservation=dm["volume_preservation"], basis=dm["basis"],
-            fit_method=dm["fit_method"], max_iter=dm["max_iter"],
-            global_iter_multiplier=dm["global_iter_multiplier"], fit_lr=dm["fit_lr"],
-            theta_init=dm["theta_init"], gn_iter=dm["gn_iter"], gn_damping=dm["gn_damping"],
-            detach_keypoints=dm["detach_keypoints"]),
+            motion=build_motion(model), num_keypoints=KEYPOINTS_PER_GROUP * num_cpab,
+            num_channels=common["num_channels"], block_expansion=dm["block_expansion"],
+            num_blocks=dm["num_blocks"], max_features=dm["max_features"], scale_factor=dm["scale_factor"],
+            multi_mask=common["multi_mask"], kp_variance=dm["kp_variance"]),
         "inpainting_network": InpaintingNetwork(
             num_channels=common["num_channels"], block_expansion=gen["block_expansion"],
             max_features=gen["max_features"], num_down_blocks=gen["num_down_blocks"],

@@ -21,7 +21,7 @@ class AVDNetwork(nn.Module):
     keypoints with the identity of kp_source and the pose of kp_random (unbounded, not clamped).
     """
 
-    def __init__(self, num_cpab, id_bottle_size=64, pose_bottle_size=64):
+    def __init__(self, num_cpab, id_bottle_size, pose_bottle_size):
         super().__init__()
         self.num_cpab = num_cpab
         input_size = 5 * 2 * num_cpab

@@ -1,8 +1,9 @@
-"""Dense motion network of CPABMM: keypoint-fitted CPAB warps mixed into one flow, plus occlusions.
+"""Dense motion network (TPSMM/CPABMM): the warps of a motion model mixed into one flow, plus occlusions.
 
 Conventions: keypoints and grids are (x, y) in [-1, 1]^2 (``grid_sample``, ``align_corners=True``).
 Every warp is a driving->source backward grid: ``grid_sample(source, grid)`` puts source content at
-the driving positions. Warps are stacked in the order [background, K partial, global].
+the driving positions. Warps are stacked in the order [background, the motion model's warps] (for
+CPAB: [background, K partial, global]; for TPS: [background, K splines]).
 """
 import math
 
@@ -10,11 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cpab import CPAB
 from modules.blocks import AntiAliasInterpolation2d, Hourglass, UpBlock2d, identity_grid, kp2gaussian
-from modules.tps import TPS
 
-_KP_PER_GROUP = 5
 _NUM_OCCLUSIONS = 4
 _PARTITION_EPS = 1e-6
 
@@ -43,66 +41,39 @@ def affine_grid(bg_param, size):
 
 
 class DenseMotionNetwork(nn.Module):
-    """Estimates the dense driving->source flow and multi-resolution occlusion masks.
+    """Estimates the dense driving->source flow and multi-resolution occlusion masks from the warps of an
+    injected motion model (``modules/motion.py``: CPAB for CPABMM, TPS for TPSMM, or any other).
 
-    motion='cpab' (CPABMM): K partial CPAB warps, one per group of 5 keypoint pairs, on a
-    ``partial_tess_size`` tessellation, fitted with ``cpab.CPAB.fit`` (x = driving keypoints, y =
-    source keypoints; ``max_iter`` Adam steps, or ``gn_iter`` Gauss-Newton steps), plus with
-    ``global_cpab`` one global warp on ``global_tess_size`` fitted to all 5K pairs (Adam:
-    round(max_iter * global_iter_multiplier) steps): K + 2 warps with the background affine.
-    motion='tps' (TPSMM ablation): K differentiable thin-plate splines (modules/tps.py) and the
-    background, K + 1 warps as in TPSMM: ``global_cpab`` and the fit settings are not used, and the
-    keypoints are never detached (the TPS is a closed-form function of them, as in TPSMM).
+    The warps are [background, the motion model's num_warps]: 1 + motion.num_warps in all (K + 2 for
+    CPAB with its global warp, K + 1 for TPS). The background warp is the BG predictor's affine
+    (``bg_param``) or the identity. The network never asks which motion model it holds.
 
-    ``detach_keypoints`` (official: True) fits on detached keypoints, so the warps send no gradient
-    into the keypoint detector; False gives the fitted theta an implicit-function gradient (see
-    ``_attach``), an option of this framework.
-    ``basis`` (official: "libcpab") the CPABs' null-space basis (see ``cpab.basis``): "vertex" spans the
-    same fields with theta rotated, so the Adam fit takes another path (other warps).
-    ``bg`` is kept for the official signature: whether a background affine is used is decided by the
-    caller passing ``bg_param`` (None -> identity warp).
+    Args:
+        motion: the motion model (``num_warps``, ``warps(kp_driving, kp_source, size)``).
+        num_keypoints: N, keypoints per image (5K): one heatmap channel each.
+        num_channels: image channels.
+        block_expansion, num_blocks, max_features: the hourglass.
+        scale_factor: resolution of the dense motion relative to the input, in (0, 1].
+        multi_mask: 4 occlusion masks at 1/8, 1/4, 1/2, 1 of the input (else one at the motion size).
+        kp_variance: variance of the Gaussian keypoint heatmaps.
     """
 
-    def __init__(self, block_expansion, num_blocks, max_features, num_cpab, num_channels,
-                 scale_factor=0.25, bg=False, multi_mask=True, kp_variance=0.01, motion="cpab",
-                 global_cpab=True, partial_tess_size=(4, 4), global_tess_size=(6, 6), zero_boundary=False,
-                 volume_preservation=False, fit_method="adam", max_iter=100, global_iter_multiplier=1.5,
-                 fit_lr=1e-2, theta_init=1e-6, gn_iter=10, gn_damping=1e-3, detach_keypoints=True,
-                 basis="libcpab"):
+    def __init__(self, motion, num_keypoints, num_channels, block_expansion, num_blocks, max_features,
+                 scale_factor, multi_mask, kp_variance):
         super().__init__()
-        if motion not in ("cpab", "tps"):
-            raise ValueError(f"dense_motion_params.motion must be 'cpab' or 'tps', got {motion!r}")
-        if fit_method not in ("adam", "gauss_newton"):
-            raise ValueError(f"dense_motion_params.fit_method must be 'adam' or 'gauss_newton', got {fit_method!r}")
         if not 0.0 < scale_factor <= 1.0:
             raise ValueError(f"dense_motion_params.scale_factor must be in (0, 1], got {scale_factor}")
-        self.num_cpab = num_cpab
+        self.motion = motion
+        self.num_keypoints = num_keypoints
         self.scale_factor = scale_factor
-        self.bg = bg
         self.multi_mask = multi_mask
         self.kp_variance = kp_variance
-        self.motion = motion
-        self.global_cpab = global_cpab and motion == "cpab"
-        self.fit_method = fit_method
-        self.max_iter = int(max_iter)
-        self.global_iter = int(round(max_iter * global_iter_multiplier))
-        self.fit_lr = fit_lr
-        self.theta_init = theta_init
-        self.gn_iter = int(gn_iter)
-        self.gn_damping = gn_damping
-        self.detach_keypoints = detach_keypoints
-        self.num_warps = num_cpab + 1 + int(self.global_cpab)
+        self.num_warps = 1 + motion.num_warps
 
         if scale_factor != 1:
             self.down = AntiAliasInterpolation2d(num_channels, scale_factor)
-        if motion == "cpab":
-            self.partial_cpab = CPAB(tess_size=tuple(partial_tess_size), zero_boundary=zero_boundary,
-                                     volume_preservation=volume_preservation, basis=basis)
-            if self.global_cpab:
-                self.global_cpab_transform = CPAB(tess_size=tuple(global_tess_size), zero_boundary=zero_boundary,
-                                                  volume_preservation=volume_preservation, basis=basis)
 
-        in_features = num_channels * self.num_warps + num_cpab * _KP_PER_GROUP + 1
+        in_features = num_channels * self.num_warps + num_keypoints + 1
         self.hourglass = Hourglass(block_expansion=block_expansion, in_features=in_features,
                                    max_features=max_features, num_blocks=num_blocks)
         channels = self.hourglass.out_channels
@@ -124,75 +95,24 @@ class DenseMotionNetwork(nn.Module):
         self.occlusion = nn.ModuleList(nn.Conv2d(c, 1, kernel_size=(7, 7), padding=(3, 3)) for c in occlusion_in)
 
     def create_heatmap_representations(self, size, kp_driving, kp_source):
-        """(B, 5K + 1, h, w): a zero channel, then Gaussian(driving) - Gaussian(source) per keypoint."""
+        """(B, N + 1, h, w): a zero channel, then Gaussian(driving) - Gaussian(source) per keypoint."""
         heatmap = (kp2gaussian(kp_driving, size, self.kp_variance)
                    - kp2gaussian(kp_source, size, self.kp_variance))
         return F.pad(heatmap, (0, 0, 0, 0, 1, 0))
 
-    def _fit(self, transform, x, y, iterations):
-        if self.fit_method == "gauss_newton":
-            iterations = self.gn_iter
-        # cpab's fits run under no_grad / inference_mode too (they clone into normal tensors).
-        # check=False: no finiteness checks (host syncs on the GPU); non-finite keypoints surface as a
-        # non-finite loss, which training reports.
-        return transform.fit(x, y, method=self.fit_method, iterations=iterations, lr=self.fit_lr,
-                             theta_init=self.theta_init, damping=self.gn_damping, check=False)
-
     def create_transformations(self, size, kp_driving, kp_source, bg_param):
-        """(B, num_warps, h, w, 2) driving->source grids: [background, K partial, (global)]."""
+        """(B, num_warps, h, w, 2) driving->source grids: [background, the motion model's warps]."""
         bs = kp_driving.shape[0]
         h, w = size
         if bg_param is None:
             background = identity_grid(size, kp_driving.dtype, kp_driving.device).expand(bs, 1, h, w, 2)
         else:
             background = affine_grid(bg_param.to(kp_driving.dtype), size)[:, None]
-        if self.motion == "tps":
-            partial = TPS.from_keypoints(kp_driving.reshape(bs, self.num_cpab, _KP_PER_GROUP, 2),
-                                         kp_source.reshape(bs, self.num_cpab, _KP_PER_GROUP, 2)).grid(size)
-            return torch.cat([background, partial], dim=1)
-
-        theta_partial, theta_global = self.fit_cpab(kp_driving, kp_source)
-        warps = [background, self.partial_cpab.grid(theta_partial, size=size, check=False).view(bs, self.num_cpab, h, w, 2)]
-        if theta_global is not None:
-            warps.append(self.global_cpab_transform.grid(theta_global, size=size, check=False)[:, None])
-        return torch.cat(warps, dim=1)
-
-    def fit_cpab(self, kp_driving, kp_source):
-        """Fit the CPAB warps (motion='cpab') to keypoints (B, 5K, 2): x = driving, y = source.
-
-        Returns (theta_partial (B*K, d_partial), one row per group of 5 consecutive keypoints, sample
-        major; theta_global (B, d_global) or None without the global warp). Both carry no gradient unless
-        detach_keypoints is False (then the implicit gradient of ``_attach``).
-        """
-        if self.detach_keypoints:
-            # Faithful to the official code: the fitted warps send no gradient into the keypoints.
-            kp_driving, kp_source = kp_driving.detach(), kp_source.detach()
-        groups_d = kp_driving.reshape(-1, _KP_PER_GROUP, 2)
-        groups_s = kp_source.reshape(-1, _KP_PER_GROUP, 2)
-        theta_partial = self._attach(self.partial_cpab, self._fit(self.partial_cpab, groups_d, groups_s, self.max_iter),
-                                     groups_d, groups_s)
-        theta_global = None
-        if self.global_cpab:
-            theta_global = self._attach(self.global_cpab_transform,
-                                        self._fit(self.global_cpab_transform, kp_driving, kp_source, self.global_iter),
-                                        kp_driving, kp_source)
-        return theta_partial, theta_global
-
-    def _attach(self, transform, theta, x, y):
-        """With detach_keypoints=False: give the fitted (detached) theta the implicit-function gradient
-        of the damped least-squares fit, d theta = -(J^T J + gn_damping I)^-1 J^T d r with r = T(x) - y
-        and J = dr/dtheta at theta; the value stays theta. (Not in the official code, which detaches.)"""
-        if not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)):
-            return theta
-        bs, n, _ = x.shape
-        # d T(x) / d theta without autograd (the integrator's sensitivity on a CPU, the exact adjoint on CUDA);
-        # unchecked like the fits (no host synchronisation): non-finite keypoints surface in the loss.
-        jac = transform.transform_jacobian(x.detach(), theta.detach(), check=False)[1].reshape(bs, 2 * n, -1)
-        normal = jac.transpose(1, 2) @ jac + self.gn_damping * torch.eye(jac.shape[2], dtype=jac.dtype,
-                                                                         device=jac.device)
-        residual = (transform.transform_unchecked(x, theta.detach()) - y).reshape(bs, 2 * n, 1)
-        step = torch.linalg.solve_ex(normal, jac.transpose(1, 2) @ residual)[0][..., 0]
-        return theta - (step - step.detach())
+        warps = self.motion.warps(kp_driving, kp_source, (h, w))
+        if warps.shape != (bs, self.num_warps - 1, h, w, 2):
+            raise ValueError(f"{type(self.motion).__name__}.warps returned {tuple(warps.shape)}, expected "
+                             f"{(bs, self.num_warps - 1, h, w, 2)} (B, num_warps, h, w, 2)")
+        return torch.cat([background, warps.to(background.dtype)], dim=1)
 
     def create_deformed_source_image(self, source_image, transformations):
         """(B, num_warps, C, h, w): the (downscaled) source warped by every grid."""
@@ -209,7 +129,7 @@ class DenseMotionNetwork(nn.Module):
         Returns 'deformed_source' (B, W, C, h, w), 'transformations' (B, W, h, w, 2),
         'contribution_maps' (B, W, h, w) summing to ~1 over W, 'deformation' (B, h, w, 2) the mixed flow,
         and 'occlusion_map': 4 maps (B, 1, .) at 1/8, 1/4, 1/2, 1 of H x W (multi_mask), else one at
-        h x w. (h, w) = scale_factor * (H, W); W = K + 2 (cpab, global), K + 1 otherwise.
+        h x w. (h, w) = scale_factor * (H, W); W = num_warps = 1 + motion.num_warps.
         """
         if self.scale_factor != 1:
             source_image = self.down(source_image)
@@ -242,7 +162,7 @@ class DenseMotionNetwork(nn.Module):
                 features.append(out)
         else:
             features = [prediction[-1]]
-        occlusion_map = [torch.sigmoid(conv(f)) for conv, f in zip(self.occlusion, features)]
+        occlusion_map = [torch.sigmoid(conv(f)) for conv, f in zip(self.occlusion, features, strict=True)]
         return {
             "deformed_source": deformed_source,
             "transformations": transformations,

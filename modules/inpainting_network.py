@@ -18,7 +18,7 @@ class InpaintingNetwork(nn.Module):
     (``occlusion_map[k]`` belongs to level n - k); otherwise one map, resized to every level.
     """
 
-    def __init__(self, num_channels, block_expansion, max_features, num_down_blocks, multi_mask=True):
+    def __init__(self, num_channels, block_expansion, max_features, num_down_blocks, multi_mask):
         super().__init__()
         if num_down_blocks < 1:
             raise ValueError(f"num_down_blocks must be >= 1, got {num_down_blocks}")

@@ -5,7 +5,17 @@ import os
 import pytest
 import yaml
 
-from configuration import SCHEMA, ConfigError, Section, config_name, describe_schema, load_config
+import configuration
+from configuration import (
+    SCHEMA,
+    ConfigError,
+    Key,
+    Section,
+    comment_mismatches,
+    config_name,
+    describe_schema,
+    load_config,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "config", "*.yaml")))
@@ -78,7 +88,7 @@ def test_every_shipped_key_carries_a_comment():
 
 def test_official_per_dataset_values():
     taichi = load_config(os.path.join(ROOT, "config", "taichi-256.yaml"))
-    assert taichi["model_params"]["dense_motion_params"]["max_iter"] == 200
+    assert taichi["model_params"]["dense_motion_params"]["cpab"]["max_iter"] == 200
     assert taichi["train_params"]["dropout_maxp"] == 0.7
     ted = load_config(os.path.join(ROOT, "config", "ted-384.yaml"))
     assert ted["train_params"]["lr_generator"] == pytest.approx(2.0e-4)
@@ -100,7 +110,7 @@ def test_defaults_are_filled(tmp_path):
         "train_params": {"num_epochs": 1, "num_repeats": 1, "lr_generator": 1e-4, "batch_size": 2},
     }
     config = load_config(_write(tmp_path, raw))
-    assert config["model_params"]["dense_motion_params"]["max_iter"] == 100
+    assert config["model_params"]["dense_motion_params"]["cpab"]["max_iter"] == 100
     assert config["train_params"]["loss_weights"]["perceptual"] == [10.0] * 5
     assert config["dataset_params"]["augmentation_params"]["flip_param"] is None
     assert config["dataset_params"]["synthetic"] is None
@@ -136,13 +146,13 @@ def test_wrong_type_and_choice(tmp_path):
     raw["dataset_params"]["id_sampling"] = 1
     assert "dataset_params.id_sampling" in _error(_write(tmp_path, raw))
     raw = _vox_raw()
-    raw["model_params"]["dense_motion_params"]["fit_method"] = "lbfgs"
+    raw["model_params"]["dense_motion_params"]["cpab"]["fit_method"] = "lbfgs"
     assert "adam, gauss_newton" in _error(_write(tmp_path, raw))
     raw = _vox_raw()
-    raw["model_params"]["dense_motion_params"]["basis"] = "orthonormal"
+    raw["model_params"]["dense_motion_params"]["cpab"]["basis"] = "orthonormal"
     assert "libcpab, vertex" in _error(_write(tmp_path, raw))
     raw = _vox_raw()
-    raw["model_params"]["dense_motion_params"]["partial_tess_size"] = [4, 4, 4]
+    raw["model_params"]["dense_motion_params"]["cpab"]["partial_tess_size"] = [4, 4, 4]
     assert "partial_tess_size' must have 2 items" in _error(_write(tmp_path, raw))
     raw = _vox_raw()
     raw["train_params"] = [1, 2]
@@ -211,3 +221,110 @@ def test_describe_schema_lists_every_key():
     lines = describe_schema()
     assert any(line.startswith("train_params.lr_generator  float  required") for line in lines)
     assert len(lines) >= len(list(_leaf_keys(SCHEMA)))
+
+
+def test_every_schema_entry_has_help_and_every_shipped_comment_starts_with_it():
+    def entries(section, prefix=""):
+        for name, spec in section.keys.items():
+            yield prefix + name, spec
+            if isinstance(spec, Section):
+                yield from entries(spec, prefix + name + ".")
+
+    missing = [dotted for dotted, spec in entries(SCHEMA) if not spec.help]
+    assert not missing, missing
+    for path in CONFIGS:
+        assert comment_mismatches(path) == []
+
+
+def test_a_comment_that_drifts_from_the_help_text_is_reported(tmp_path):
+    with open(VOX, encoding="utf-8") as handle:
+        text = handle.read()
+    drifted = tmp_path / "drifted.yaml"
+    drifted.write_text(text.replace("# hourglass depth", "# depth of the hourglass")
+                       .replace("  batch_size: 8                     # pairs per iteration", "  batch_size: 8"))
+    problems = comment_mismatches(str(drifted))
+    assert len(problems) == 2
+    assert "model_params.dense_motion_params.num_blocks" in problems[0] and "'hourglass depth'" in problems[0]
+    assert "train_params.batch_size" in problems[1] and "drifted.yaml:" in problems[1]
+    # A dataset-specific note after the help text is fine.
+    noted = tmp_path / "noted.yaml"
+    noted.write_text(text.replace("# hourglass depth", "# hourglass depth (shallower here)"))
+    assert comment_mismatches(str(noted)) == []
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("train_params.num_epochs", -3, "'train_params.num_epochs' must be in [1, inf), got -3"),
+    ("train_params.batch_size", 0, "'train_params.batch_size' must be in [1, inf), got 0"),
+    ("train_params.lr_generator", float("nan"), "'train_params.lr_generator' must be a finite number, got nan"),
+    ("train_params.lr_generator", 0.0, "'train_params.lr_generator' must be in (0, inf), got 0.0"),
+    ("train_params.dropout_maxp", 1.5, "'train_params.dropout_maxp' must be in [0, 1], got 1.5"),
+    ("train_params.scales", [1.0, 0.0], "'train_params.scales' (every item) must be in (0, 1], got 0.0"),
+    ("train_params.loss_weights.perceptual", [10, 10, -1, 10, 10],
+     "'train_params.loss_weights.perceptual' (every item) must be in [0, inf), got -1.0"),
+    ("model_params.dense_motion_params.scale_factor", 2.0,
+     "'model_params.dense_motion_params.scale_factor' must be in (0, 1], got 2.0"),
+    ("model_params.dense_motion_params.cpab.max_iter", -1,
+     "'model_params.dense_motion_params.cpab.max_iter' must be in [0, inf), got -1"),
+    ("dataset_params.augmentation_params.jitter_param.hue", 0.6,
+     "'dataset_params.augmentation_params.jitter_param.hue' must be in [0, 0.5], got 0.6"),
+    ("train_params.clip_grad_norm", float("inf"), "'train_params.clip_grad_norm' must be a finite number, got inf"),
+])
+def test_out_of_range_values_are_one_line_errors_naming_the_key_and_the_file(tmp_path, key, value, expected):
+    raw = _vox_raw()
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    message = _error(_write(tmp_path, raw, "ranges.yaml"))
+    assert message.endswith(expected) and "ranges.yaml" in message
+    # The same through an override (YAML spells NaN and infinity .nan and .inf): the message names the --set.
+    text = ".nan" if value != value else ".inf" if value == float("inf") else value
+    message = _error(VOX, [f"{key}={text}"])
+    assert message.endswith(expected) and f"(--set {key})" in message
+
+
+def test_boundary_and_null_values_are_accepted():
+    config = load_config(VOX, ["train_params.num_epochs=1", "train_params.dropout_maxp=1",
+                               "train_params.dataloader_workers=0", "train_params.clip_grad_norm=null",
+                               "train_params.max_steps_per_epoch=null",
+                               "model_params.dense_motion_params.scale_factor=1",
+                               "model_params.dense_motion_params.cpab.theta_init=-0.5"])
+    assert config["train_params"]["clip_grad_norm"] is None and config["train_params"]["dropout_maxp"] == 1.0
+
+
+def test_every_numeric_key_has_a_range_or_is_unbounded_on_purpose():
+    unbounded = {"model_params.dense_motion_params.cpab.theta_init"}  # any real constant
+
+    def leaves(section, prefix=""):
+        for name, spec in section.keys.items():
+            if isinstance(spec, Section):
+                yield from leaves(spec, prefix + name + ".")
+            else:
+                yield prefix + name, spec
+
+    numeric = {dotted for dotted, spec in leaves(SCHEMA)
+               if any(t in ("int", "float", "list[int]", "list[float]") for t in spec.types.split("|"))}
+    without = {dotted for dotted, spec in leaves(SCHEMA) if dotted in numeric and not spec.interval}
+    assert without == unbounded
+    with pytest.raises(ValueError, match="bad interval"):
+        Key("int", 1, "x", interval="1, 2")
+
+
+def test_describe_and_check_from_the_command_line(tmp_path, capsys):
+    assert configuration.main(["--describe"]) == 0
+    out = capsys.readouterr().out
+    assert "train_params.batch_size  int  required  in [1, inf)  pairs per iteration" in out
+    assert configuration.main(["--check"] + CONFIGS) == 0
+    raw = _vox_raw()
+    raw["train_params"]["num_epochs"] = -3
+    assert configuration.main(["--check", _write(tmp_path, raw, "bad.yaml")]) == 1
+    assert "num_epochs' must be in [1, inf), got -3" in capsys.readouterr().err
+
+
+def test_a_cpab_key_at_its_former_place_points_to_its_section(tmp_path):
+    raw = _vox_raw()
+    raw["model_params"]["dense_motion_params"]["fit_method"] = "adam"
+    message = _error(_write(tmp_path, raw, "old-layout.yaml"))
+    assert "unknown key 'model_params.dense_motion_params.fit_method'" in message
+    assert "it belongs under 'model_params.dense_motion_params.cpab.fit_method'" in message

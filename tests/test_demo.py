@@ -1,5 +1,5 @@
-"""demo.py: keypoint arithmetic by hand, and end to end on CPU with a tiny random checkpoint and a
-generated driving video that has an audio track."""
+"""demo.py: image conversion, and end to end on CPU with a tiny random checkpoint and a generated driving
+video that has an audio track (the keypoint arithmetic and the Animator are tested in test_animation.py)."""
 import os
 import re
 import subprocess
@@ -7,16 +7,16 @@ import sys
 import types
 
 import imageio
-import imageio_ffmpeg
 import numpy as np
 import pytest
 import torch
 
 import demo
+from checkpoint import save_checkpoint
 from configuration import load_config
-from logger import save_checkpoint
 from modules import build_networks
 
+imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")  # the demo reads and writes video with its ffmpeg
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 N_FRAMES, FPS, SIZE = 6, 12, 32
@@ -32,10 +32,10 @@ TINY_OVERRIDES = [
     "model_params.dense_motion_params.block_expansion=8",
     "model_params.dense_motion_params.max_features=32",
     "model_params.dense_motion_params.num_blocks=3",
-    "model_params.dense_motion_params.fit_method=adam",
-    "model_params.dense_motion_params.max_iter=2",
-    "model_params.dense_motion_params.partial_tess_size=[2, 2]",
-    "model_params.dense_motion_params.global_tess_size=[3, 3]",
+    "model_params.dense_motion_params.cpab.fit_method=adam",
+    "model_params.dense_motion_params.cpab.max_iter=2",
+    "model_params.dense_motion_params.cpab.partial_tess_size=[2, 2]",
+    "model_params.dense_motion_params.cpab.global_tess_size=[3, 3]",
     "model_params.avd_network_params.id_bottle_size=16",
     "model_params.avd_network_params.pose_bottle_size=16",
 ]
@@ -128,83 +128,7 @@ def run_demo(assets, tmp_path, *extra, checkpoint=None, driving=None, img_shape=
     return demo.main(argv), result
 
 
-# ---------------------------------------------------------------- keypoint arithmetic
-
-def test_convex_hull_area_by_hand():
-    square_with_inside_and_duplicates = [[0, 0], [1, 0], [1, 1], [0, 1], [0.5, 0.5], [1, 1], [0.2, 0.9]]
-    assert demo.convex_hull_area(square_with_inside_and_duplicates) == pytest.approx(1.0)
-    assert demo.convex_hull_area([[0, 0], [4, 0], [0, 3]]) == pytest.approx(6.0)
-    assert demo.convex_hull_area([[0, 0], [1, 1], [2, 2], [3, 3]]) == 0.0
-    spatial = pytest.importorskip("scipy.spatial")
-    points = np.random.default_rng(0).uniform(-1, 1, size=(50, 2))
-    assert demo.convex_hull_area(points) == pytest.approx(spatial.ConvexHull(points).volume, rel=1e-12)
-
-
-def test_relative_keypoints_match_hand_computation():
-    square = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0], [0.0, 0.0]])  # hull area 4
-    kp_source = (0.5 * square)[None]                       # area 1
-    kp_initial = (0.25 * square + 0.1)[None]               # area 0.25 -> scale sqrt(1) / sqrt(0.25) = 2
-    shift = torch.tensor([0.1, -0.05])
-    kp_driving = torch.stack([kp_initial[0] + shift, kp_initial[0]])
-    scale = demo.movement_scale(kp_source, kp_initial)
-    assert scale == pytest.approx(2.0)
-    relative = demo.relative_keypoints(kp_source, kp_driving, kp_initial, scale)
-    torch.testing.assert_close(relative[0], kp_source[0] + torch.tensor([0.2, -0.1]))
-    torch.testing.assert_close(relative[1], kp_source[0])
-
-
-def test_movement_scale_uses_batch_element_zero_only():
-    # Faithful to the official code: the hull areas come from element 0 of each batch.
-    square = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]])
-    kp_source = torch.stack([square, 3 * square])
-    assert demo.movement_scale(kp_source, (0.5 * square)[None]) == pytest.approx(2.0)
-    with pytest.raises(demo.DemoError, match="collinear"):
-        demo.movement_scale(kp_source, torch.zeros(1, 4, 2))
-
-
-class _StubKP(torch.nn.Module):
-    """Keypoints = BASE * (0.5 + mean intensity of the image): BASE has hull area 1."""
-    BASE = torch.tensor([[-0.5, -0.5], [0.5, -0.5], [0.5, 0.5], [-0.5, 0.5], [0.0, 0.1]])
-
-    def forward(self, image):
-        return {"fg_kp": self.BASE[None] * (0.5 + image.mean(dim=(1, 2, 3)))[:, None, None]}
-
-
-class _StubDenseMotion(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def forward(self, source_image, kp_driving, kp_source, bg_param=None, dropout_flag=False):
-        self.calls.append((kp_driving["fg_kp"].clone(), kp_source["fg_kp"].clone(), bg_param, dropout_flag))
-        return {"deformation": None}
-
-
-class _StubInpainting(torch.nn.Module):
-    def forward(self, source_image, dense_motion):
-        return {"prediction": source_image}
-
-
-@pytest.mark.parametrize("mode", ["relative", "standard"])
-def test_animator_passes_hand_computed_keypoints(mode):
-    dense = _StubDenseMotion()
-    networks = {"kp_detector": _StubKP(), "dense_motion_network": dense, "inpainting_network": _StubInpainting()}
-    source = torch.full((1, 3, 8, 8), 0.5)                # kp_source = BASE, area 1
-    means = [0.0, 0.2, 0.4, 0.6]                           # reference frame 0: BASE * 0.5, scale 2
-    frames = torch.stack([torch.full((3, 8, 8), m) for m in means])
-    with torch.inference_mode():
-        animator = demo.Animator(networks, source, mode)
-        predictions = [animator(frames[:2]), animator(frames[2:])]
-    assert torch.equal(torch.cat(predictions), source.expand(4, -1, -1, -1))
-    kp_driving = torch.cat([call[0] for call in dense.calls])
-    # By hand: relative = (BASE (0.5 + m) - 0.5 BASE) * 2 + BASE = BASE (1 + 2 m); standard = BASE (0.5 + m).
-    factors = [1 + 2 * m for m in means] if mode == "relative" else [0.5 + m for m in means]
-    expected = torch.stack([_StubKP.BASE * f for f in factors])
-    torch.testing.assert_close(kp_driving, expected)
-    for _, kp_source, bg_param, dropout_flag in dense.calls:
-        assert kp_source.shape == (2, 5, 2) and torch.equal(kp_source[1], _StubKP.BASE)
-        assert bg_param is None and dropout_flag is False  # like TPSMM: no background motion in the demo
-
+# ---------------------------------------------------------------- image conversion
 
 def test_to_rgb_float_accepts_grey_rgba_and_16_bit():
     grey = np.full((4, 5), 255, np.uint8)
@@ -232,6 +156,23 @@ def test_standard_mode_side_by_side_from_a_frame_folder(assets, tmp_path, capsys
     first = imageio.v2.get_reader(result, format="FFMPEG").get_data(0).astype(float)
     # Left tile is the source: the grey level LEVELS[3] with the white square.
     assert abs(np.median(first[:, :SIZE]) - LEVELS[3]) < 6
+
+
+def test_demo_animates_through_the_one_path_without_background_motion(assets, tmp_path, capsys, monkeypatch):
+    import animation
+
+    calls = []
+    original = animation.animate
+
+    def recording(networks, source, kp_source, kp_driving, bg_param=None, dropout_flag=False, dropout_p=0.0):
+        calls.append((source.shape[0], bg_param, dropout_flag))
+        return original(networks, source, kp_source, kp_driving, bg_param=bg_param, dropout_flag=dropout_flag,
+                        dropout_p=dropout_p)
+
+    monkeypatch.setattr(animation, "animate", recording)
+    status, _ = run_demo(assets, tmp_path, "--mode", "standard", "--batch_size", "2", driving=assets.frame_folder)
+    assert status == 0, capsys.readouterr().err
+    assert calls == [(2, None, False), (1, None, False)]   # 3 frames in batches of 2: no bg_param, no dropout
 
 
 def test_avd_mode_runs_with_an_avd_network_and_fails_in_one_line_without(assets, tmp_path, capsys):

@@ -4,6 +4,7 @@ One module-scoped training run provides the checkpoint that the train_avd, recon
 bad-input tests start from.
 """
 import glob
+import importlib.util
 import json
 import os
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 import run
-from logger import load_checkpoint
+from checkpoint import load_checkpoint
 from train import Distributed, NonFiniteLossError, check_finite, clip_gradients, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +35,7 @@ def tiny_overrides(data_dir):
         "model_params.dense_motion_params.max_features=16",
         "model_params.dense_motion_params.num_blocks=2",
         "model_params.dense_motion_params.scale_factor=0.25",
-        "model_params.dense_motion_params.gn_iter=2",
+        "model_params.dense_motion_params.cpab.gn_iter=2",
         "model_params.avd_network_params.id_bottle_size=8",
         "model_params.avd_network_params.pose_bottle_size=8",
         "train_params.num_epochs=2",
@@ -176,7 +177,8 @@ def test_reconstruction_mode_writes_lossless_strips_mp4_and_metrics(trained, tmp
     assert metrics["baseline_l1"] == pytest.approx(reference["baseline_l1"], abs=1e-6)
     strips = sorted(glob.glob(os.path.join(out_dir, "reconstruction", "png", "*.png")))
     assert len(strips) == 2 and imageio.v2.imread(strips[0]).shape == (32, 32 * 6, 3)
-    assert len(glob.glob(os.path.join(out_dir, "reconstruction", "mp4", "*.mp4"))) == 2
+    previews = glob.glob(os.path.join(out_dir, "reconstruction", "mp4", "*.mp4"))
+    assert len(previews) == (2 if importlib.util.find_spec("imageio_ffmpeg") else 0)  # mp4 needs imageio-ffmpeg
     frames = sum(video["frames"] for video in metrics["per_video"].values())
     weighted = sum(video["l1"] * video["frames"] for video in metrics["per_video"].values()) / frames
     assert metrics["l1"] == pytest.approx(weighted, rel=1e-6)
@@ -296,3 +298,29 @@ def test_ddp_two_processes_gloo(trained, tmp_path):
     checkpoint = load_checkpoint(os.path.join(only_run_dir(tmp_path), "checkpoint.pth.tar"))
     # Each of the 2 ranks took 2 steps of 2 samples (global batch 4), in lock step.
     assert checkpoint["epoch"] == 1 and checkpoint["step"] == 2
+
+
+def test_training_step_steps_the_bg_predictor_from_bg_start_only():
+    from configuration import load_config
+    from full_model import GeneratorFullModel
+    from modules import build_networks
+    from train import make_optimizers, training_step
+
+    config = load_config(CONFIG, overrides=tiny_overrides("unused") + [
+        "model_params.dense_motion_params.motion=tps", "train_params.loss_weights.equivariance_value=0"])
+    networks = build_networks(config)
+    params = dict(config["train_params"], bg_start=1)
+    model = GeneratorFullModel(networks, params, losses={})
+    optimizers = make_optimizers(networks, params)
+    x = {"source": torch.rand(2, 3, 32, 32), "driving": torch.rand(2, 3, 32, 32)}
+    bg_before = [p.detach().clone() for p in networks["bg_predictor"].parameters()]
+    kp_before = [p.detach().clone() for p in networks["kp_detector"].parameters()]
+    means, generated = training_step(model, networks, optimizers, x, 0, 0, params, Distributed())
+    assert set(means) == {"warp_loss"} and all(type(v) is float for v in means.values())
+    assert generated["prediction"].shape == (2, 3, 32, 32)
+    assert not optimizers[1].state and all(torch.equal(a, b) for a, b in
+                                           zip(bg_before, networks["bg_predictor"].parameters(), strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(kp_before, networks["kp_detector"].parameters(), strict=True))
+    means, _ = training_step(model, networks, optimizers, x, 1, 1, params, Distributed())
+    assert set(means) == {"warp_loss", "bg"}
+    assert max(state["step"] for state in optimizers[1].state.values()) == 1

@@ -4,15 +4,28 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-from segment_anything.modeling.image_encoder import get_rel_pos
 
 import losses.keypoint_semantic as ks
-from losses.keypoint_semantic import (KeypointSemanticLoss, adapt_image_encoder_state_dict, build_sam_image_encoder,
-                                      resize_image_encoder)
+from losses.keypoint_semantic import (
+    KeypointSemanticLoss,
+    adapt_image_encoder_state_dict,
+    build_sam_image_encoder,
+    resize_image_encoder,
+)
+
+# segment-anything is optional where only the GPU stack is installed: this file is skipped there.
+modeling = pytest.importorskip("segment_anything.modeling")
+ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer = (
+    modeling.ImageEncoderViT, modeling.MaskDecoder, modeling.PromptEncoder, modeling.Sam, modeling.TwoWayTransformer)
+get_rel_pos = modeling.image_encoder.get_rel_pos
 
 MEAN = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
 STD = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
+
+
+def sam_loss(encoder, input_size, dtype=torch.float32, every_n_steps=1):
+    """The loss with the settings the tests do not vary at their config defaults."""
+    return KeypointSemanticLoss(encoder, input_size=input_size, dtype=dtype, every_n_steps=every_n_steps)
 
 
 def tiny_encoder(img_size=32, window_size=2, randomise_positions=False):
@@ -56,7 +69,7 @@ def features_by_hand(encoder, image, kps, size):
 
 @pytest.mark.parametrize("height, width, input_size", [(24, 24, 32), (20, 28, 32), (20, 28, 16)])
 def test_loss_matches_hand_computation(height, width, input_size):
-    loss = KeypointSemanticLoss(tiny_encoder(randomise_positions=True), input_size=input_size)
+    loss = sam_loss(tiny_encoder(randomise_positions=True), input_size=input_size)
     encoder = loss.encoder
     assert encoder.img_size == input_size
     src, drv = torch.rand(2, 3, height, width), torch.rand(2, 3, height, width)
@@ -72,14 +85,14 @@ def test_loss_matches_hand_computation(height, width, input_size):
 
 
 def test_identical_inputs_give_zero():
-    loss = KeypointSemanticLoss(tiny_encoder(), input_size=32)
+    loss = sam_loss(tiny_encoder(), input_size=32)
     img, kp = torch.rand(2, 3, 16, 16), torch.rand(2, 5, 2) * 2 - 1
     assert abs(loss(img, img, kp, kp).item()) < 1e-6
 
 
 @pytest.mark.parametrize("input_size", [32, 16])
 def test_gradient_reaches_keypoints_only(input_size):
-    loss = KeypointSemanticLoss(tiny_encoder(), input_size=input_size)
+    loss = sam_loss(tiny_encoder(), input_size=input_size)
     src = torch.rand(2, 3, 16, 16, requires_grad=True)
     drv = torch.rand(2, 3, 16, 16, requires_grad=True)
     kp_s = (torch.rand(2, 5, 2) * 2 - 1).requires_grad_()
@@ -91,25 +104,25 @@ def test_gradient_reaches_keypoints_only(input_size):
 
 
 def test_every_n_steps_and_argument_checks():
-    loss = KeypointSemanticLoss(tiny_encoder(), input_size=32, every_n_steps=3)
+    loss = sam_loss(tiny_encoder(), input_size=32, every_n_steps=3)
     assert [loss.active(s) for s in range(5)] == [True, False, False, True, False]
     with pytest.raises(ValueError, match="input_size"):
-        KeypointSemanticLoss(tiny_encoder(), input_size=64)
+        sam_loss(tiny_encoder(), input_size=64)
     for bad in (12, 0, 16.0):
         with pytest.raises(ValueError, match="train_params.sam_params.input_size must be a positive multiple of 8"):
-            KeypointSemanticLoss(tiny_encoder(), input_size=bad)
+            sam_loss(tiny_encoder(), input_size=bad)
     with pytest.raises(ValueError, match="every_n_steps"):
-        KeypointSemanticLoss(tiny_encoder(), input_size=32, every_n_steps=0)
+        sam_loss(tiny_encoder(), input_size=32, every_n_steps=0)
 
 
 def test_default_size_keeps_the_given_encoder():
     encoder = tiny_encoder()
-    loss = KeypointSemanticLoss(encoder, input_size=32)
+    loss = sam_loss(encoder, input_size=32)
     assert loss.encoder is encoder and loss.preprocess(torch.rand(1, 3, 8, 8)).shape == (1, 3, 32, 32)
 
 
 def test_smaller_input_size_is_padded_only_to_input_size():
-    loss = KeypointSemanticLoss(tiny_encoder(), input_size=16)
+    loss = sam_loss(tiny_encoder(), input_size=16)
     x = loss.preprocess(torch.rand(1, 3, 8, 12))
     assert x.shape == (1, 3, 16, 16)
     assert x[..., 11:, :].abs().sum() == 0 and x[..., :11, :].abs().min() > 0
@@ -118,7 +131,7 @@ def test_smaller_input_size_is_padded_only_to_input_size():
 
 def test_reduced_encoder_has_reduced_position_tables():
     full = tiny_encoder(img_size=64, window_size=3, randomise_positions=True)
-    loss = KeypointSemanticLoss(full, input_size=32)
+    loss = sam_loss(full, input_size=32)
     reduced = loss.encoder
     assert full.img_size == 64 and full.pos_embed.shape == (1, 8, 8, 16)  # the given encoder is untouched
     assert reduced.img_size == 32 and reduced.pos_embed.shape == (1, 4, 4, 16)
@@ -174,8 +187,8 @@ def test_bfloat16_encoder_runs():
     encoder = tiny_encoder()
     src, drv = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
     kp_s, kp_d = torch.rand(2, 5, 2) * 2 - 1, torch.rand(2, 5, 2) * 2 - 1
-    ref = KeypointSemanticLoss(encoder, input_size=32)(src, drv, kp_s, kp_d)
-    low = KeypointSemanticLoss(encoder, input_size=32, dtype=torch.bfloat16)(src, drv, kp_s, kp_d)
+    ref = sam_loss(encoder, input_size=32)(src, drv, kp_s, kp_d)
+    low = sam_loss(encoder, input_size=32, dtype=torch.bfloat16)(src, drv, kp_s, kp_d)
     assert low.dtype == torch.float32
     torch.testing.assert_close(low, ref, atol=0.05, rtol=0.1)
 
@@ -196,7 +209,10 @@ def tiny_sam(checkpoint=None):
 
 
 def test_build_loads_the_whole_sam_checkpoint_strictly(tmp_path, monkeypatch):
-    monkeypatch.setattr(ks, "sam_model_registry", {"vit_b": tiny_sam})
+    import segment_anything
+
+    # build_sam_image_encoder imports segment_anything's registry when it is called (an optional dependency).
+    monkeypatch.setattr(segment_anything, "sam_model_registry", {"vit_b": tiny_sam})
     reference = tiny_sam()
     state = reference.state_dict()
     path = tmp_path / "sam.pth"
@@ -211,7 +227,10 @@ def test_build_loads_the_whole_sam_checkpoint_strictly(tmp_path, monkeypatch):
 
 
 def test_build_at_reduced_input_size_adapts_the_full_size_checkpoint(tmp_path, monkeypatch):
-    monkeypatch.setattr(ks, "sam_model_registry", {"vit_b": tiny_sam})
+    import segment_anything
+
+    # build_sam_image_encoder imports segment_anything's registry when it is called (an optional dependency).
+    monkeypatch.setattr(segment_anything, "sam_model_registry", {"vit_b": tiny_sam})
     reference = tiny_sam()
     with torch.no_grad():
         reference.image_encoder.pos_embed.normal_()
@@ -243,8 +262,15 @@ def test_vit_b_encoder_at_512_keeps_the_registry_arguments():
 
 
 def test_encoder_keeps_its_dtype_under_autocast():
-    loss = KeypointSemanticLoss(tiny_encoder(), input_size=32)
+    loss = sam_loss(tiny_encoder(), input_size=32)
     images = torch.rand(2, 3, 16, 16)
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         inside = loss.embed(images)
     torch.testing.assert_close(inside, loss.embed(images))
+
+
+def test_preprocess_shape_matches_segment_anything():
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    for height, width, size in [(40, 60, 32), (33, 17, 1024), (256, 256, 512), (7, 1000, 64), (384, 200, 1024)]:
+        assert ks.preprocess_shape(height, width, size) == ResizeLongestSide.get_preprocess_shape(height, width, size)

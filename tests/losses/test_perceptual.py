@@ -17,7 +17,8 @@ def tiny_vgg19_features():
 
 
 def relu_features_by_hand(features, image):
-    x = (image - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    x = (image - mean) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     out = []
     for index, layer in enumerate(features[:30]):
         x = layer(x)
@@ -35,7 +36,7 @@ def test_per_layer_values_match_hand_computation():
         down = AntiAliasInterpolation2d(3, scale)
         with torch.no_grad():
             fp, ft = relu_features_by_hand(features, down(pred)), relu_features_by_hand(features, down(target))
-        expected += torch.stack([(a - b).abs().mean() for a, b in zip(fp, ft)])
+        expected += torch.stack([(a - b).abs().mean() for a, b in zip(fp, ft, strict=True)])
     values = loss(pred, target)
     assert values.shape == (5,)
     torch.testing.assert_close(values, expected, atol=1e-6, rtol=1e-5)
@@ -51,7 +52,7 @@ def test_gradient_reaches_the_prediction_only():
     assert pred.grad.abs().sum() > 0 and target.grad is None
     assert all(p.grad is None and not p.requires_grad for p in loss.parameters())
     loss.train()
-    assert not loss.slices.training
+    assert not loss.encoder.training
 
 
 def test_torchvision_vgg19_checkpoint_loads(tmp_path):
@@ -70,11 +71,11 @@ def test_num_layers_skips_the_deeper_blocks_and_keeps_the_first_values():
     """num_layers=2 runs only relu1_1 and relu2_1: same first two values as the full loss, zeros after."""
     torch.manual_seed(0)
     features = build_vgg19_features()
-    full = PerceptualLoss(features, scales=[1, 0.5])
-    short = PerceptualLoss(features, scales=[1, 0.5], num_layers=2)
+    full = PerceptualLoss(features, scales=[1, 0.5], num_channels=3)
+    short = PerceptualLoss(features, scales=[1, 0.5], num_channels=3, num_layers=2)
     prediction, target = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
     expected, got = full(prediction, target), short(prediction, target)
-    assert len(short.slices) == 2
+    assert len(short.encoder) == 2
     assert torch.allclose(got[:2], expected[:2])
     assert torch.equal(got[2:], torch.zeros(3))
     assert expected[2:].abs().sum() > 0

@@ -19,20 +19,21 @@ def hub_dir(tmp_path, monkeypatch):
 def test_configured_path_wins(tmp_path, hub_dir):
     path = tmp_path / "my_vgg.pth"
     path.write_bytes(b"x")
-    assert resolve_weight_file("vgg19", str(path), allow_random_weights=False) == str(path)
+    assert resolve_weight_file("vgg19", str(path), allow_random_weights=False, sam_model_type="vit_b") == str(path)
 
 
 def test_hub_cache_is_searched_by_file_name(tmp_path, hub_dir):
     cached = hub_dir / "checkpoints" / "vgg19-dcbb9e9d.pth"
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"x")
-    found = resolve_weight_file("vgg19", str(tmp_path / "absent" / "vgg19-dcbb9e9d.pth"), allow_random_weights=False)
+    found = resolve_weight_file("vgg19", str(tmp_path / "absent" / "vgg19-dcbb9e9d.pth"), allow_random_weights=False,
+                                sam_model_type="vit_b")
     assert found == str(cached)
 
 
 def test_missing_file_is_a_one_line_config_error(tmp_path, hub_dir):
     with pytest.raises(MissingWeightsError) as info:
-        resolve_weight_file("vgg19", "weights/vgg19-dcbb9e9d.pth", allow_random_weights=False)
+        resolve_weight_file("vgg19", "weights/vgg19-dcbb9e9d.pth", allow_random_weights=False, sam_model_type="vit_b")
     message = str(info.value)
     assert isinstance(info.value, ConfigError) and isinstance(info.value, ValueError)
     assert "\n" not in message
@@ -53,5 +54,6 @@ def test_missing_message_names_key_and_source(hub_dir, key, model_type, name):
 
 def test_allow_random_weights_warns_and_returns_none(hub_dir, caplog):
     with caplog.at_level(logging.WARNING):
-        assert resolve_weight_file("dino_vitb8", "nowhere/dino.pth", allow_random_weights=True) is None
+        assert resolve_weight_file("dino_vitb8", "nowhere/dino.pth", allow_random_weights=True,
+                                   sam_model_type="vit_b") is None
     assert "RANDOM WEIGHTS" in caplog.text and "train_params.pretrained.dino_vitb8" in caplog.text

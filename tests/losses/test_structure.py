@@ -40,8 +40,13 @@ def dino_keys_by_hand(sd, image, layer, heads, patch):
     """Keys of block ``layer`` written from the raw state dict, DINO's way (qkv reshaped (T, 3, H, d),
     k = [1], heads concatenated), for one normalised image (3, H, W). Returns (T, dim)."""
     dim = sd["cls_token"].shape[-1]
-    ln = lambda x, p: F.layer_norm(x, (dim,), sd[p + ".weight"], sd[p + ".bias"], eps=1e-6)
-    lin = lambda x, p: x @ sd[p + ".weight"].T + sd[p + ".bias"]
+
+    def ln(x, p):
+        return F.layer_norm(x, (dim,), sd[p + ".weight"], sd[p + ".bias"], eps=1e-6)
+
+    def lin(x, p):
+        return x @ sd[p + ".weight"].T + sd[p + ".bias"]
+
     x = F.conv2d(image[None], sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=patch)
     x = x.flatten(2).transpose(1, 2)[0]
     x = torch.cat([sd["cls_token"][0], x], 0) + sd["pos_embed"][0]
@@ -72,7 +77,7 @@ def cosine_by_hand(keys):
 
 def test_dino_layout_loads_strictly_into_timm_and_keys_match_by_hand():
     sd = random_dino_state_dict(depth=2, dim=32, patch=8, img=32)
-    loss = StructureLoss(tiny_vit(sd), layer=1, size=32, max_size=60)
+    loss = StructureLoss(tiny_vit(sd), dtype=torch.float32, layer=1, size=32, max_size=60)
     images = torch.rand(2, 3, 40, 40)
     ours = loss.keys(loss.preprocess(images))
     norm = transforms.Compose([transforms.Resize(32, max_size=60, antialias=False),
@@ -105,13 +110,14 @@ def test_build_dino_loads_the_checkpoint_strictly(tmp_path, monkeypatch):
 
 
 def test_batched_loss_equals_official_per_image_sum():
-    loss = StructureLoss(tiny_vit(random_dino_state_dict(2, 32, 8, 32)), layer=1, size=32, max_size=60)
+    loss = StructureLoss(tiny_vit(random_dino_state_dict(2, 32, 8, 32)), dtype=torch.float32, layer=1, size=32,
+                         max_size=60)
     pred, drv = torch.rand(3, 3, 36, 36), torch.rand(3, 3, 36, 36)
     norm = transforms.Compose([transforms.Resize(32, max_size=60, antialias=False),
                                transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-    sd = loss.vit.state_dict()
+    sd = loss.encoder.state_dict()
     expected = 0.0
-    for a, b in zip(drv, pred):
+    for a, b in zip(drv, pred, strict=True):
         sim_a = cosine_by_hand(dino_keys_by_hand(sd, norm(a), 1, 2, 8))
         sim_b = cosine_by_hand(dino_keys_by_hand(sd, norm(b), 1, 2, 8))
         expected = expected + F.mse_loss(sim_b, sim_a)
@@ -122,27 +128,28 @@ def test_batched_loss_equals_official_per_image_sum():
 
 
 def test_resize_semantics_follow_torchvision_resize_with_max_size():
-    loss = StructureLoss(tiny_vit(), layer=1, size=16, max_size=24)
+    loss = StructureLoss(tiny_vit(), dtype=torch.float32, layer=1, size=16, max_size=24)
     # shorter side 40 -> 16, longer 80 -> 32 > 24: capped to 24, shorter int(24 * 16 / 32) = 12.
     assert loss.preprocess(torch.rand(1, 3, 40, 80)).shape == (1, 3, 12, 24)
     assert loss.preprocess(torch.rand(1, 3, 256, 256)).shape == (1, 3, 16, 16)
 
 
 def test_gradient_reaches_the_prediction_only():
-    loss = StructureLoss(tiny_vit(random_dino_state_dict(2, 32, 8, 32)), layer=1, size=32, max_size=60)
+    loss = StructureLoss(tiny_vit(random_dino_state_dict(2, 32, 8, 32)), dtype=torch.float32, layer=1, size=32,
+                         max_size=60)
     pred = torch.rand(2, 3, 32, 32, requires_grad=True)
     drv = torch.rand(2, 3, 32, 32, requires_grad=True)
     loss(pred, drv).backward()
     assert pred.grad is not None and pred.grad.abs().sum() > 0
     assert drv.grad is None
-    assert all(p.grad is None for p in loss.vit.parameters())
+    assert all(p.grad is None for p in loss.encoder.parameters())
 
 
 def test_bfloat16_runs_close_to_float32():
     sd = random_dino_state_dict(2, 32, 8, 32)
     pred, drv = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
-    ref = StructureLoss(tiny_vit(sd), layer=1, size=32, max_size=60)(pred, drv)
-    low = StructureLoss(tiny_vit(sd), layer=1, size=32, max_size=60, dtype=torch.bfloat16)(pred, drv)
+    ref = StructureLoss(tiny_vit(sd), dtype=torch.float32, layer=1, size=32, max_size=60)(pred, drv)
+    low = StructureLoss(tiny_vit(sd), dtype=torch.bfloat16, layer=1, size=32, max_size=60)(pred, drv)
     assert low.dtype == torch.float32
     torch.testing.assert_close(low, ref, rtol=0.1, atol=1e-3)
 
@@ -157,7 +164,8 @@ def test_cosine_denominator_is_clamped_like_the_official_code():
 
 
 def test_vit_keeps_its_dtype_under_autocast():
-    loss = StructureLoss(tiny_vit(random_dino_state_dict(2, 32, 8, 32)), layer=1, size=32, max_size=60)
+    loss = StructureLoss(tiny_vit(random_dino_state_dict(2, 32, 8, 32)), dtype=torch.float32, layer=1, size=32,
+                         max_size=60)
     images = torch.rand(2, 3, 32, 32)
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         inside = loss.self_similarity(images)

@@ -4,18 +4,28 @@ import torch
 
 K = 2
 SIZE = 64
+# The CPAB motion's settings (config section model_params.dense_motion_params.cpab), tiny fits.
+CPAB_SETTINGS = dict(global_cpab=True, partial_tess_size=(4, 4), global_tess_size=(6, 6), zero_boundary=False,
+                     volume_preservation=False, basis="libcpab", fit_method="adam", max_iter=2,
+                     global_iter_multiplier=1.5, fit_lr=1e-2, theta_init=1e-6, gn_iter=2, gn_damping=1e-3,
+                     detach_keypoints=True)
+NETWORK_SETTINGS = dict(block_expansion=8, num_blocks=3, max_features=32, num_channels=3, scale_factor=0.25,
+                        multi_mask=True, kp_variance=0.01)
 
 
-def _tiny_dense_motion(**overrides):
-    from modules.dense_motion import DenseMotionNetwork
+def _tiny_dense_motion(motion="cpab", **overrides):
+    """DenseMotionNetwork with the motion model named ``motion`` built as the builder does; keywords
+    override the motion's settings or the network's."""
+    from modules import DenseMotionNetwork, build_motion
 
-    params = dict(block_expansion=8, num_blocks=3, max_features=32, num_cpab=K, num_channels=3,
-                  scale_factor=0.25, bg=True, multi_mask=True, kp_variance=0.01, motion="cpab",
-                  global_cpab=True, partial_tess_size=(4, 4), global_tess_size=(6, 6), zero_boundary=False,
-                  volume_preservation=False, fit_method="adam", max_iter=2, global_iter_multiplier=1.5,
-                  fit_lr=1e-2, theta_init=1e-6, gn_iter=2, gn_damping=1e-3, detach_keypoints=True)
-    params.update(overrides)
-    return DenseMotionNetwork(**params)
+    unknown = set(overrides) - set(CPAB_SETTINGS) - set(NETWORK_SETTINGS)
+    if unknown:
+        raise TypeError(f"unknown settings {sorted(unknown)}")
+    cpab = {key: overrides.get(key, value) for key, value in CPAB_SETTINGS.items()}
+    network = {key: overrides.get(key, value) for key, value in NETWORK_SETTINGS.items()}
+    model_params = {"common_params": {"num_cpab": K},
+                    "dense_motion_params": {"motion": motion, "cpab": cpab, "tps": {}}}
+    return DenseMotionNetwork(motion=build_motion(model_params), num_keypoints=5 * K, **network)
 
 
 def _random_keypoints(bs=2, scale=0.7, seed=0):

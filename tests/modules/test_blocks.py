@@ -2,8 +2,17 @@ import math
 
 import torch
 
-from modules.blocks import (AntiAliasInterpolation2d, DownBlock2d, Hourglass, ResBlock2d, SameBlock2d,
-                            UpBlock2d, identity_grid, kp2gaussian, make_coordinate_grid)
+from modules.blocks import (
+    AntiAliasInterpolation2d,
+    DownBlock2d,
+    Hourglass,
+    ResBlock2d,
+    SameBlock2d,
+    UpBlock2d,
+    identity_grid,
+    kp2gaussian,
+    make_coordinate_grid,
+)
 
 
 def test_coordinate_grid_is_xy_in_minus_one_one():

@@ -26,21 +26,22 @@ def test_output_shapes(make_dense_motion, make_keypoints, images):
 
 
 def test_iteration_counts_are_integers(make_dense_motion):
-    net = make_dense_motion(max_iter=3, global_iter_multiplier=1.5)
-    assert net.max_iter == 3 and net.global_iter == 4 and isinstance(net.global_iter, int)
+    motion = make_dense_motion(max_iter=3, global_iter_multiplier=1.5).motion
+    assert motion.max_iter == 3 and motion.global_iter == 4 and isinstance(motion.global_iter, int)
 
 
 @pytest.mark.parametrize("method", ["adam", "gauss_newton"])
 def test_flow_is_identity_for_coinciding_keypoints(make_dense_motion, make_keypoints, images, method):
     net = make_dense_motion(fit_method=method, max_iter=2, gn_iter=2)
     kp = make_keypoints(seed=3)
-    theta_partial, theta_global = net.fit_cpab(kp, kp)
-    assert theta_partial.shape == (2 * K, net.partial_cpab.dim)
-    assert theta_global.shape == (2, net.global_cpab_transform.dim)
+    motion = net.motion
+    theta_partial, theta_global = motion.fit(kp, kp)
+    assert theta_partial.shape == (2 * K, motion.partial_cpab.dim)
+    assert theta_global.shape == (2, motion.global_cpab_transform.dim)
     # Adam moves theta by about lr per step even from a zero residual (its steps are normalised).
     if method == "adam":
-        assert theta_partial.abs().max() < (net.max_iter + 0.5) * net.fit_lr
-        assert theta_global.abs().max() < (net.global_iter + 0.5) * net.fit_lr
+        assert theta_partial.abs().max() < (motion.max_iter + 0.5) * motion.fit_lr
+        assert theta_global.abs().max() < (motion.global_iter + 0.5) * motion.fit_lr
     else:
         assert theta_partial.abs().max() < 1e-4 and theta_global.abs().max() < 1e-4
     out = net(images[0], _kp(kp), _kp(kp))
@@ -54,10 +55,10 @@ def test_partial_warps_map_driving_onto_source(make_dense_motion, make_keypoints
     net = make_dense_motion(fit_method="gauss_newton", gn_iter=3, global_cpab=False)
     kp_d = make_keypoints(seed=4, scale=0.6)
     kp_s = kp_d + 0.08 * torch.randn(kp_d.shape, generator=torch.Generator().manual_seed(5))
-    theta_partial, _ = net.fit_cpab(kp_d, kp_s)
+    theta_partial, _ = net.motion.fit(kp_d, kp_s)
     groups_d = kp_d.reshape(2 * K, 5, 2)
     groups_s = kp_s.reshape(2 * K, 5, 2)
-    mapped = net.partial_cpab.transform(groups_d, theta_partial)
+    mapped = net.motion.transform(groups_d, theta_partial)
     residual = (mapped - groups_s).norm(dim=-1)
     assert residual.mean() < 0.5 * (groups_d - groups_s).norm(dim=-1).mean()
     # The dense grids are the fitted transforms: sampled at the driving keypoints they give T(kp_d),
@@ -73,13 +74,13 @@ def test_keypoint_gradient_through_the_fit_when_not_detached(make_dense_motion, 
     net = make_dense_motion(fit_method="gauss_newton", gn_iter=3, global_cpab=False, detach_keypoints=False)
     kp_d = make_keypoints(bs=1, seed=6, scale=0.6)
     kp_s = (kp_d + 0.05 * torch.randn(kp_d.shape, generator=torch.Generator().manual_seed(7))).requires_grad_()
-    theta, _ = net.fit_cpab(kp_d, kp_s)
+    theta, _ = net.motion.fit(kp_d, kp_s)
     assert theta.requires_grad
     assert torch.equal(theta.detach(), make_dense_motion(fit_method="gauss_newton", gn_iter=3, global_cpab=False)
-                       .fit_cpab(kp_d, kp_s.detach())[0])
+                       .motion.fit(kp_d, kp_s.detach())[0])
     # The fit (nearly) interpolates 5 points with 58 parameters, so d T(x_i) / d y_i is close to the
     # identity (damping and an unconverged fit make it smaller).
-    mapped = net.partial_cpab.transform(kp_d.reshape(K, 5, 2), theta)
+    mapped = net.motion.transform(kp_d.reshape(K, 5, 2), theta)
     grad, = torch.autograd.grad(mapped[0, 0, 0], kp_s)
     assert 0.5 < grad[0, 0, 0].item() < 1.2
     assert grad[0, 0, 1].abs() < 0.5 * grad[0, 0, 0]
@@ -129,7 +130,7 @@ def test_dropout_flag_in_forward(make_dense_motion, make_keypoints, images):
 
 def test_tps_motion_uses_k_plus_one_warps(make_dense_motion, make_keypoints, images):
     net = make_dense_motion(motion="tps")
-    assert net.num_warps == K + 1 and not hasattr(net, "partial_cpab")
+    assert net.num_warps == K + 1 and net.motion.num_warps == K and not hasattr(net.motion, "partial_cpab")
     kp_d = make_keypoints(seed=1).requires_grad_()
     kp_s = make_keypoints(seed=2)
     out = net(images[0], _kp(kp_d), _kp(kp_s))
@@ -148,7 +149,7 @@ def test_single_occlusion_mask(make_dense_motion, make_keypoints, images):
 
 def test_global_cpab_off(make_dense_motion, make_keypoints):
     net = make_dense_motion(global_cpab=False, max_iter=1)
-    assert net.num_warps == K + 1 and not hasattr(net, "global_cpab_transform")
+    assert net.num_warps == K + 1 and net.motion.global_cpab_transform is None
     assert net.hourglass.encoder.down_blocks[0].conv.in_channels == 3 * (K + 1) + 5 * K + 1
     kp_d = make_keypoints(seed=1).requires_grad_()
     grids = net.create_transformations((16, 16), kp_d, make_keypoints(seed=2), None)

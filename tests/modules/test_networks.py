@@ -1,7 +1,7 @@
 import torch
 
 from configuration import load_config
-from modules import (AVDNetwork, BGMotionPredictor, InpaintingNetwork, KPDetector, build_networks)
+from modules import AVDNetwork, BGMotionPredictor, CPABMotion, InpaintingNetwork, KPDetector, TPSMotion, build_networks
 from modules.blocks import make_coordinate_grid
 
 K = 2
@@ -11,7 +11,7 @@ TINY = ["model_params.common_params.num_cpab=2",
         "model_params.dense_motion_params.block_expansion=8",
         "model_params.dense_motion_params.max_features=32",
         "model_params.dense_motion_params.num_blocks=3",
-        "model_params.dense_motion_params.max_iter=2",
+        "model_params.dense_motion_params.cpab.max_iter=2",
         "model_params.avd_network_params.id_bottle_size=16",
         "model_params.avd_network_params.pose_bottle_size=16"]
 
@@ -30,8 +30,8 @@ def test_vox256_parameter_counts_equal_the_official_ones():
         "avd_network": 2_583_652,
     }
     dense = nets["dense_motion_network"]
-    assert dense.partial_cpab.dim == 58 and dense.global_cpab_transform.dim == 130
-    assert dense.max_iter == 100 and dense.global_iter == 150
+    assert dense.motion.partial_cpab.dim == 58 and dense.motion.global_cpab_transform.dim == 130
+    assert dense.motion.max_iter == 100 and dense.motion.global_iter == 150
     # State-dict names of the official checkpoints (the CPAB bases are not saved).
     keys = set(dense.state_dict())
     assert {"down.weight", "maps.weight", "up.1.norm.bias", "occlusion.3.weight",
@@ -44,24 +44,29 @@ def test_vox256_parameter_counts_equal_the_official_ones():
 
 def test_builder_switches():
     dm = "model_params.dense_motion_params."
+    cpab = dm + "cpab."
     cfg = load_config("config/vox-256.yaml", overrides=TINY + [
-        "model_params.common_params.bg=false", dm + "motion=tps", dm + "fit_method=gauss_newton", dm + "gn_iter=3",
-        dm + "gn_damping=0.02", dm + "fit_lr=0.05", dm + "theta_init=0.0", dm + "global_iter_multiplier=2.0",
-        dm + "kp_variance=0.02", dm + "detach_keypoints=false"])
+        "model_params.common_params.bg=false", cpab + "fit_method=gauss_newton", cpab + "gn_iter=3",
+        cpab + "gn_damping=0.02", cpab + "fit_lr=0.05", cpab + "theta_init=0.0", cpab + "global_iter_multiplier=2.0",
+        dm + "kp_variance=0.02", cpab + "detach_keypoints=false"])
     nets = build_networks(cfg)
     assert nets["bg_predictor"] is None
     net = nets["dense_motion_network"]
-    assert net.num_warps == K + 1
-    assert (net.fit_method, net.gn_iter, net.gn_damping, net.fit_lr, net.theta_init, net.global_iter,
-            net.kp_variance, net.detach_keypoints) == ("gauss_newton", 3, 0.02, 0.05, 0.0, 4, 0.02, False)
+    motion = net.motion
+    assert isinstance(motion, CPABMotion) and net.num_warps == K + 2
+    assert (motion.fit_method, motion.gn_iter, motion.gn_damping, motion.fit_lr, motion.theta_init, motion.global_iter,
+            net.kp_variance, motion.detach_keypoints) == ("gauss_newton", 3, 0.02, 0.05, 0.0, 4, 0.02, False)
     assert set(nets) == {"kp_detector", "dense_motion_network", "inpainting_network", "bg_predictor", "avd_network"}
+    tps = build_networks(load_config("config/vox-256.yaml", overrides=TINY + [dm + "motion=tps"]))
+    assert isinstance(tps["dense_motion_network"].motion, TPSMotion) and tps["dense_motion_network"].num_warps == K + 1
 
 
 def test_builder_basis_switch():
-    dm = "model_params.dense_motion_params."
+    dm = "model_params.dense_motion_params.cpab."
     default = build_networks(load_config("config/vox-256.yaml", overrides=TINY))["dense_motion_network"]
     vertex = build_networks(load_config("config/vox-256.yaml", overrides=TINY + [dm + "basis=vertex"]))
     vertex = vertex["dense_motion_network"]
+    default, vertex = default.motion, vertex.motion
     assert default.partial_cpab.basis_kind == default.global_cpab_transform.basis_kind == "libcpab"
     assert vertex.partial_cpab.basis_kind == vertex.global_cpab_transform.basis_kind == "vertex"
     assert not torch.allclose(default.partial_cpab.basis, vertex.partial_cpab.basis)
@@ -95,7 +100,7 @@ def _identity_motion(bs, size):
 
 
 def test_inpainting_network_shapes_and_identity_blend():
-    net = InpaintingNetwork(num_channels=3, block_expansion=8, max_features=32, num_down_blocks=3)
+    net = InpaintingNetwork(num_channels=3, block_expansion=8, max_features=32, num_down_blocks=3, multi_mask=True)
     source = torch.rand(2, 3, 64, 64)
     out = net(source, _identity_motion(2, 64))
     assert out["prediction"].shape == (2, 3, 64, 64)
@@ -121,7 +126,7 @@ def test_full_forward_backward_reaches_every_parameter():
     motion_out = nets["dense_motion_network"](source, kp_d, kp_s, bg_param=bg, dropout_flag=True, dropout_p=0.1)
     out = nets["inpainting_network"](source, motion_out)
     encode = nets["inpainting_network"].get_encode(driving, out["occlusion_map"])
-    warp = sum((a - b).abs().mean() for a, b in zip(out["warped_encoder_maps"], encode[::-1]))
+    warp = sum((a - b).abs().mean() for a, b in zip(out["warped_encoder_maps"], encode[::-1], strict=True))
     avd = nets["avd_network"](kp_s, kp_d)["fg_kp"]
     loss = (out["prediction"] - driving).abs().mean() + warp + avd.pow(2).mean()
     loss.backward()
@@ -144,3 +149,18 @@ def test_single_occlusion_mask_is_resized_to_every_level():
     out = net(source, motion)
     assert torch.allclose(out["prediction"], source, atol=1e-5)
     assert [m.shape[-1] for m in net.get_encode(source, motion["occlusion_map"])] == [64, 32, 16, 8]
+
+
+def test_state_dict_layouts_tpsmm_with_tps_and_official_with_cpab():
+    """Key counts of TPSMM's / the official CPABMM's vox-256 state dicts; the warp count shows in two shapes."""
+    counts = {"kp_detector": 122, "dense_motion_network": 59, "inpainting_network": 78, "bg_predictor": 122,
+              "avd_network": 69}
+    shapes = {"tps": ((11, 148, 7, 7), 84), "cpab": ((12, 151, 7, 7), 87)}   # K + 1 or K + 2 warps, K = 10
+    for motion, (maps, hourglass_in) in shapes.items():
+        nets = build_networks(load_config("config/vox-256.yaml",
+                                          overrides=[f"model_params.dense_motion_params.motion={motion}"]))
+        assert {name: len(net.state_dict()) for name, net in nets.items()} == counts, motion
+        dense = nets["dense_motion_network"].state_dict()
+        assert tuple(dense["maps.weight"].shape) == maps
+        assert dense["hourglass.encoder.down_blocks.0.conv.weight"].shape[1] == hourglass_in
+        assert not any(key.startswith("motion.") for key in dense), motion

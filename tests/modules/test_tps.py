@@ -9,7 +9,7 @@ def _reference_tps(points, theta, centres, weights):
     out = []
     for p in points:
         value = theta[:, :2] @ p + theta[:, 2]
-        for c, w in zip(centres, weights):
+        for c, w in zip(centres, weights, strict=True):
             r2 = ((p - c) ** 2).sum()
             value = value + w * r2 * torch.log(r2 + 1e-9)
         out.append(value)
