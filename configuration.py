@@ -184,6 +184,20 @@ SCHEMA = Section(required=True, keys={
         "lambda_affine": Key("float|null", None, "only in the official mgif config; kept for fidelity"),
         "random_scale": Key("float", 0.25, "scale of the random keypoint transform"),
     }),
+    "eval_params": Section(help="protocol metrics of the reconstruction (evaluation/, pose-evaluation's)", keys={
+        "metrics": Key("list[str]", ["l1"], "subset of l1, akd, mkr, aed (mkr needs domain body)"),
+        "domain": Key("str", "face", "face: FAN landmarks + OpenFace; body: rtpose keypoints + re-ID ft_net",
+                      choices=("face", "body")),
+        "batch_size": Key("int", 16, "frames per extractor forward pass"),
+        "weights": Section(help="published weight files of the extractors (never downloaded)", keys={
+            "fan": Key("str|null", "weights/2DFAN4-11f355bf06.pth.tar", "face-alignment 2-D FAN-4"),
+            "s3fd": Key("str|null", "weights/s3fd-619a316812.pth", "face-alignment's S3FD face detector"),
+            "openface": Key("str|null", "weights/openface.pth", "OpenFace nn4.small2.v1 (OpenFacePytorch)"),
+            "rtpose": Key("str|null", "weights/pose_model.pth", "rtpose VGG19 body pose"),
+            "reid": Key("str|null", "weights/reid_model.pth", "person re-ID ft_net ResNet-50"),
+        }),
+        "allow_random_weights": Key("bool", False, "missing weight files -> random extractors (smoke tests)"),
+    }),
     "visualizer_params": Section(help="image grids", keys={
         "kp_size": Key("int", 5, "keypoint disc radius in pixels"),
         "draw_border": Key("bool", True, "border around each image"),

@@ -22,7 +22,6 @@ PyTorch, and by ``torch.manual_seed`` in the main process) and uses a ``numpy.ra
 import csv
 import os
 
-import imageio_ffmpeg
 import numpy as np
 import torch
 from PIL import Image, ImageSequence, UnidentifiedImageError
@@ -106,6 +105,8 @@ def count_frames(path, frame_shape=None):
         except (OSError, UnidentifiedImageError) as error:
             raise DatasetError(f"{path}: unreadable or corrupt video ({_first_line(error)})") from None
     if lower.endswith((".mp4", ".mov")):
+        import imageio_ffmpeg  # only .mp4/.mov need it (frame folders, strips and gifs read without it)
+
         try:
             count, _ = imageio_ffmpeg.count_frames_and_secs(path)
         except (OSError, RuntimeError, ValueError) as error:
@@ -122,6 +123,8 @@ def _read_ffmpeg(path, wanted):
 
     ``wanted=None`` keeps every frame (one decoding pass, no separate count).
     """
+    import imageio_ffmpeg  # only .mp4/.mov need it
+
     last = max(wanted) if wanted is not None else float("inf")
     found = {}
     reader = None

@@ -111,6 +111,10 @@ def execute(args, dist, device, created):
     from configuration import load_config
 
     config = load_config(args.config, args.overrides)
+    from evaluation import check_eval_config
+
+    check_eval_config(config, args.mode == "reconstruction" or (
+        args.mode == "train" and config["train_params"]["evaluate_after_training"]), args.config)
     checkpoint = None
     if args.checkpoint is not None:
         checkpoint = load_checkpoint(args.checkpoint, map_location="cpu")
@@ -154,7 +158,7 @@ def execute(args, dist, device, created):
     from train import MAIN_NETWORKS, load_network_states
 
     load_network_states(networks, checkpoint, args.checkpoint, MAIN_NETWORKS)
-    return evaluate_test_split(config, networks, run_dir, device, dist)
+    return evaluate_test_split(config, networks, run_dir, device, dist, checkpoint=args.checkpoint)
 
 
 def main(argv=None):

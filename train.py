@@ -373,7 +373,8 @@ def train(config, networks, run_dir, device, dist=Distributed(), seed=0, checkpo
         return None
     from reconstruction import evaluate_test_split
 
-    return evaluate_test_split(config, networks, run_dir, device, dist)
+    return evaluate_test_split(config, networks, run_dir, device, dist,
+                               checkpoint=os.path.join(run_dir, CHECKPOINT_NAME))
 
 
 def random_scale(keypoints, scale, generator=None):
