@@ -7,8 +7,9 @@ Videos are matched by name (extensions dropped: ``x.mp4``, ``x.mp4.png`` and the
 one video); each is a folder of frames, an .mp4/.mov/.gif or a .png/.jpg strip of frames side by side
 (square frames unless --frame_shape). Every generated video needs its real one, with as many frames
 of the same size. ``--config`` takes the domain, metrics, weight files and batch size from a config's
-``eval_params`` (flags override it). Weight files are looked up in ``--weights_dir`` under their
-published names, then in the torch hub cache; ``--weight key=path`` names one. Nothing is downloaded.
+``eval_params`` (flags override it). Weight files are the config's ``eval_params.weights``, or the
+published names in ``--weights_dir`` (default ``weights/``), then the torch hub cache;
+``--weight key=path`` names one. Nothing is downloaded.
 Errors (a missing file, a mismatch) are one line on stderr and exit status 1.
 """
 import argparse
@@ -44,8 +45,9 @@ def parse_args(argv=None):
                              "default: the config's, else face")
     parser.add_argument("--config", default=None, help="take eval_params (and frame_shape) from this config")
     parser.add_argument("--out", default="metrics.json", help="JSON report to write")
-    parser.add_argument("--weights_dir", default="weights",
-                        help="folder holding the published weight files under their names (see README)")
+    parser.add_argument("--weights_dir", default=None,
+                        help="folder holding the published weight files under their names (default: the "
+                             "config's eval_params.weights, else weights/)")
     parser.add_argument("--weight", action="append", default=[], metavar="KEY=PATH",
                         help=f"one weight file ({', '.join(WEIGHT_KEYS)}); repeatable")
     parser.add_argument("--allow_random_weights", action="store_true",
@@ -71,8 +73,8 @@ def settings(args):
         frame_shape = frame_shape or config["dataset_params"]["frame_shape"]
     metrics = args.metrics if args.metrics is not None else (params["metrics"] if params else "l1")
     domain = args.domain or (params["domain"] if params else "face")
-    weights = {key: os.path.join(args.weights_dir, WEIGHT_SOURCES[key][0]) for key in WEIGHT_KEYS}
-    if params:
+    weights = {key: os.path.join(args.weights_dir or "weights", WEIGHT_SOURCES[key][0]) for key in WEIGHT_KEYS}
+    if params and args.weights_dir is None:
         weights.update({key: path for key, path in params["weights"].items() if path})
     for item in args.weight:
         key, _, path = item.partition("=")

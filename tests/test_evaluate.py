@@ -142,3 +142,23 @@ def test_length_mismatch_is_a_one_line_error(tmp_path, capsys):
     code, _, stderr = _run(["--real", real, "--generated", generated, "--out", str(tmp_path / "m.json"),
                             "--quiet"], capsys)
     assert code == 1 and stderr.count("\n") == 1 and "v0.mp4.png: 2 frames, its real video" in stderr
+
+
+def test_config_supplies_metrics_domain_and_weight_settings(tmp_path, capsys):
+    import yaml
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "config", "synthetic-64.yaml")) as stream:
+        raw = yaml.safe_load(stream)
+    raw["eval_params"].update(metrics=["aed"], allow_random_weights=True)
+    raw["eval_params"]["weights"]["openface"] = str(tmp_path / "absent.pth")
+    raw["dataset_params"]["frame_shape"] = None
+    config = tmp_path / "eval.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    real, generated, _ = _write_pair(tmp_path, videos=1, frames=2)
+    out = str(tmp_path / "m.json")
+    code, stdout, _ = _run(["--real", real, "--generated", generated, "--config", str(config), "--out", out,
+                            "--quiet"], capsys)
+    assert code == 0 and "RANDOM WEIGHTS for openface" in stdout
+    report = json.load(open(out))
+    assert set(report) == {"aed", "compared"} and report["compared"]["domain"] == "face"

@@ -40,7 +40,7 @@ _TRUNK = ((3, 64), (64, 64), "pool", (64, 128), (128, 128), "pool", (128, 256), 
 
 
 def _sequential(layers):
-    """[conv, ReLU, ..., conv] from (in, out, kernel, padding) tuples and "pool"; ``last_relu`` per list."""
+    """nn.Sequential of (in, out, kernel, padding) convolutions, "relu" and "pool" (2x2 max-pool) entries."""
     modules = []
     for layer in layers:
         if layer == "pool":
@@ -90,13 +90,13 @@ class RTPose(nn.Module):
         return pafs, heatmaps
 
 
-def network_input(frames, input_size=INPUT_SIZE):
+def network_input(frames, input_size=INPUT_SIZE, device="cpu"):
     """(B, H, W, 3) RGB uint8 -> ((B, 3, H', W') BGR x / 256 - 0.5, resized (h, w)) as rtpose's
     ``crop_with_factor`` + ``rtpose_preprocess`` build it (zero padding is -0.5 after the mapping)."""
     height, width = frames.shape[1:3]
     scale = float(input_size) / min(height, width)
     resized_h, resized_w = int(round(height * scale)), int(round(width * scale))
-    bgr = torch.from_numpy(np.ascontiguousarray(frames[..., ::-1]))
+    bgr = torch.from_numpy(np.ascontiguousarray(frames[..., ::-1])).to(device)
     resized = resize_linear_uint8(bgr, resized_h, resized_w, inverse_scale=scale).permute(0, 3, 1, 2).float()
     padded_h, padded_w = -(-resized_h // STRIDE) * STRIDE, -(-resized_w // STRIDE) * STRIDE
     padded = F.pad(resized, (0, padded_w - resized_w, 0, padded_h - resized_h))
@@ -168,8 +168,8 @@ class BodyKeypointExtractor(KeypointExtractor):
         frame_size = frames.shape[1:3]
         passes = []
         for view in (frames, frames[:, :, ::-1]):
-            inputs, resized = network_input(view, self.input_size)
-            heatmaps = self.network(inputs.to(self.device))[1].float()
+            inputs, resized = network_input(view, self.input_size, self.device)
+            heatmaps = self.network(inputs)[1].float()
             passes.append(heatmaps_at_frame_size(heatmaps, resized, frame_size).double())
         return average_with_flip(*passes)
 

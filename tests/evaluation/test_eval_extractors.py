@@ -172,3 +172,21 @@ def test_face_landmarks_of_a_detected_face_lie_in_its_crop(monkeypatch):
     centre, scale = face_landmarks.crop_geometry(box)
     half = 100.0 * scale  # the crop is 200 * scale pixels wide around the centre
     assert np.all(np.abs(keypoints - centre.numpy()) <= half + 1)
+
+
+@pytest.mark.gpu
+def test_extractors_give_the_same_results_on_cuda():
+    frames = np.random.default_rng(2).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    for build in (lambda device: FaceIdentityExtractor(device=device),
+                  lambda device: BodyIdentityExtractor(device=device)):
+        torch.manual_seed(0)
+        cpu = build("cpu")
+        cuda = build("cuda")
+        cuda.network.load_state_dict(cpu.network.state_dict())
+        assert np.allclose(cpu(frames), cuda(frames), atol=1e-4)
+    torch.manual_seed(0)
+    cpu = BodyKeypointExtractor(device="cpu", input_size=64)
+    cuda = BodyKeypointExtractor(device="cuda", input_size=64)
+    cuda.network.load_state_dict(cpu.network.state_dict())
+    with torch.inference_mode():
+        assert torch.allclose(cpu.heatmaps(frames), cuda.heatmaps(frames).cpu(), atol=1e-4)
