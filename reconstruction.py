@@ -98,6 +98,8 @@ def reconstruction(config, networks, dataset, out_dir, device, progress=True, ch
             networks[name].train(training)
     metrics = {"l1": total_l1 / total_frames, "baseline_l1": total_baseline / total_frames,
                "frames": total_frames, "per_video": per_video}
+    with open(os.path.join(out_dir, "metrics.json"), "w") as stream:
+        json.dump(metrics, stream, indent=2)  # written first: kept if the protocol metrics below fail
     from evaluation import evaluate_reconstruction
 
     metrics.update(evaluate_reconstruction(config["eval_params"], getattr(dataset, "split_dir", None), png_dir,
