@@ -97,3 +97,14 @@ def test_wrong_layout_is_a_one_line_error_naming_the_file(tmp_path):
         load_published(OpenFace(), path, "eval_params.weights.openface")
     message = str(info.value)
     assert "\n" not in message and path in message and "missing keys" in message and "extra.weight" in message
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
+def test_torchscript_archive_loads_its_parameters(tmp_path):
+    """face-alignment 1.3-1.4 ship FAN as a TorchScript archive (2DFAN4-cd938726ad.zip)."""
+    source = OpenFace().eval()
+    traced = torch.jit.trace(source, torch.rand(1, 3, 96, 96))
+    path = str(tmp_path / "2DFAN4-like.zip")
+    traced.save(path)
+    target = load_published(OpenFace(), path, "eval_params.weights.openface")
+    assert all(torch.equal(target.state_dict()[key], value) for key, value in source.state_dict().items())
