@@ -272,6 +272,22 @@ SCHEMA = Section(required=True, keys={
         "random_scale": Key("float", 0.25, "scale of the random transform of the pose keypoints",
                             interval=_PROBABILITY),
     }),
+    "eval_params": Section(help="metrics of run.py --mode reconstruction, as pose-evaluation computes them", keys={
+        "metrics": Key("list[str]", ["l1"],
+                       "subset of l1, akd, mkr, aed (akd, mkr, aed need the extractors of domain)"),
+        "domain": Key("str", "face", "face | body: which extractors",
+                      choices=("face", "body")),
+        "batch_size": Key("int", 16, "frames per extractor forward pass", interval=_COUNT),
+        "weights": Section(help="published weight files of the extractors", keys={
+            "fan": Key("str|null", "weights/2DFAN4-11f355bf06.pth.tar", "face-alignment 2-D FAN-4"),
+            "s3fd": Key("str|null", "weights/s3fd-619a316812.pth", "face-alignment's S3FD face detector"),
+            "openface": Key("str|null", "weights/openface.pth", "OpenFace nn4.small2.v1"),
+            "rtpose": Key("str|null", "weights/pose_model.pth", "rtpose VGG19 body pose"),
+            "reid": Key("str|null", "weights/reid_model.pth", "person re-ID ft_net ResNet-50"),
+        }),
+        "allow_random_weights": Key("bool", False,
+                                    "true: missing weight files give random extractors (smoke tests only)"),
+    }),
     "visualizer_params": Section(help="image grids (logger.py)", keys={
         "kp_size": Key("int", 5, "keypoint disc radius in pixels", interval=_NON_NEGATIVE),
         "draw_border": Key("bool", True, "thin border around each image of the grid"),

@@ -10,7 +10,8 @@ Writes under ``<out_dir>/reconstruction/``: ``png/<video>.png`` (the predicted f
 lossless, the FOMM strip layout the protocol metrics read) and ``mp4/<video>.mp4`` (for viewing; only
 with imageio-ffmpeg installed), and
 ``<out_dir>/metrics.json`` = {"l1", "baseline_l1", "frames", "per_video": {name: {"l1",
-"baseline_l1", "frames"}}}.
+"baseline_l1", "frames"}}, "checkpoint"}, plus the protocol metrics of ``eval_params.metrics`` other
+than L1 ("akd", "mkr", "aed" and "compared", see evaluation/core.py) computed on the PNG strips.
 """
 import importlib.util
 import json
@@ -43,8 +44,11 @@ def predict_video(networks, video, batch_size):
     return torch.cat(predictions, dim=0)
 
 
-def reconstruction(config, networks, dataset, out_dir, device, progress=True):
-    """Evaluate ``networks`` on ``dataset`` (eval items {'video', 'name'}); returns the metrics dict."""
+def reconstruction(config, networks, dataset, out_dir, device, progress=True, checkpoint=None):
+    """Evaluate ``networks`` on ``dataset`` (eval items {'video', 'name'}); returns the metrics dict.
+
+    ``checkpoint``: the path of the checkpoint evaluated, recorded in metrics.json.
+    """
     if len(dataset) == 0:
         raise ValueError(f"dataset_params.root_dir: no test videos in "
                          f"{os.path.join(config['dataset_params']['root_dir'], 'test')}")
@@ -95,6 +99,12 @@ def reconstruction(config, networks, dataset, out_dir, device, progress=True):
     metrics = {"l1": total_l1 / total_frames, "baseline_l1": total_baseline / total_frames,
                "frames": total_frames, "per_video": per_video}
     with open(os.path.join(out_dir, "metrics.json"), "w") as stream:
+        json.dump(metrics, stream, indent=2)  # written first: kept if the protocol metrics below fail
+    from evaluation import evaluate_reconstruction
+
+    metrics.update(evaluate_reconstruction(config["eval_params"], getattr(dataset, "split_dir", None), png_dir,
+                                           device, getattr(dataset, "frame_shape", None), checkpoint, progress))
+    with open(os.path.join(out_dir, "metrics.json"), "w") as stream:
         json.dump(metrics, stream, indent=2)
     print(f"reconstruction L1: {metrics['l1']:.4f}  (baseline 'predict the source frame': "
           f"{metrics['baseline_l1']:.4f}) over {len(per_video)} videos, {total_frames} frames; "
@@ -102,11 +112,11 @@ def reconstruction(config, networks, dataset, out_dir, device, progress=True):
     return metrics
 
 
-def evaluate_test_split(config, networks, run_dir, device, dist):
+def evaluate_test_split(config, networks, run_dir, device, dist, checkpoint=None):
     """Reconstruct the config's test split on the main rank (the others wait): its metrics, None elsewhere."""
     metrics = None
     if dist.is_main:
         dataset = dataset_from_config(config["dataset_params"], is_train=False)
-        metrics = reconstruction(config, networks, dataset, run_dir, device)
+        metrics = reconstruction(config, networks, dataset, run_dir, device, checkpoint=checkpoint)
     dist.barrier()
     return metrics

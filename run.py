@@ -23,6 +23,7 @@ import yaml
 
 import checkpoint as checkpoints
 from configuration import config_name, load_config
+from evaluation import check_eval_config
 from modules import MAIN_NETWORKS, build_networks
 from reconstruction import evaluate_test_split
 from synthetic import ensure_dataset
@@ -107,6 +108,8 @@ def execute(args, dist, device, created):
     ``created`` (a list) receives the run directory when this call creates a new one.
     """
     config = load_config(args.config, args.overrides)
+    check_eval_config(config, args.mode == "reconstruction" or (
+        args.mode == "train" and config["train_params"]["evaluate_after_training"]), args.config)
     checkpoint, resume_dir = None, None
     if args.checkpoint is not None:
         checkpoint, resume_dir = checkpoints.open_checkpoint(args.checkpoint, config, args.mode)
@@ -134,7 +137,7 @@ def execute(args, dist, device, created):
         return train_avd(config, networks, run_dir, device, dist=dist, seed=seed, checkpoint=checkpoint,
                          checkpoint_path=args.checkpoint)
     checkpoints.load_network_states(networks, checkpoint, args.checkpoint, MAIN_NETWORKS, config_path=args.config)
-    return evaluate_test_split(config, networks, run_dir, device, dist)
+    return evaluate_test_split(config, networks, run_dir, device, dist, checkpoint=args.checkpoint)
 
 
 def main(argv=None):

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import MultiStepLR
 from torch.utils.data import DataLoader, DistributedSampler
 
-from checkpoint import load_network_states, load_training_states, save_epoch, state_dicts
+from checkpoint import CHECKPOINT_NAME, load_network_states, load_training_states, save_epoch, state_dicts
 from frames_dataset import DatasetRepeater, dataset_from_config
 from full_model import GeneratorFullModel
 from logger import RunLog
@@ -278,7 +278,8 @@ def train(config, networks, run_dir, device, dist=Distributed(), seed=0, checkpo
 
     if not params["evaluate_after_training"]:
         return None
-    return evaluate_test_split(config, networks, run_dir, device, dist)
+    return evaluate_test_split(config, networks, run_dir, device, dist,
+                               checkpoint=os.path.join(run_dir, CHECKPOINT_NAME))
 
 
 def random_scale(keypoints, scale, generator=None):
