@@ -123,11 +123,14 @@ def execute(args, dist, device, created):
     if args.init_from is not None and args.mode == "reconstruction":
         raise ValueError("--init_from starts a training run (--mode train or train_avd); --mode reconstruction "
                          "evaluates --checkpoint")
+    if args.init_from is not None and not os.path.isfile(args.init_from):
+        raise FileNotFoundError(f"--init_from: checkpoint file not found: {args.init_from}")
     checkpoint, resume_dir = None, None
     if args.checkpoint is not None:
         checkpoint, resume_dir = checkpoints.open_checkpoint(args.checkpoint, config, args.mode)
     elif args.mode != "train" and args.init_from is None:
-        raise ValueError(f"--mode {args.mode} needs --checkpoint")
+        alternative = " or --init_from" if args.mode == "train_avd" else ""
+        raise ValueError(f"--mode {args.mode} needs --checkpoint{alternative}")
     seed = int(checkpoint["seed"]) if checkpoint is not None and "seed" in checkpoint else args.seed
 
     # The one place the synthetic data set is generated (when root_dir is missing): rank 0, the others wait.
