@@ -15,6 +15,7 @@ import os
 import pytest
 import torch
 import yaml
+from test_train import tiny_overrides as train_overrides
 
 import checkpoint as checkpoints
 import demo
@@ -37,42 +38,10 @@ WARP_DEPENDENT = ["hourglass.encoder.down_blocks.0.conv.weight", "maps.weight", 
 
 
 def tiny_overrides(data_dir, motion):
-    """4 training / 2 test synthetic videos of 6 frames at 32x32, tiny networks, 1 step of batch 2."""
-    return [
-        f"dataset_params.root_dir={data_dir}",
-        "dataset_params.frame_shape=[32, 32, 3]",
-        "dataset_params.synthetic.num_train=4",
-        "dataset_params.synthetic.num_test=2",
-        "dataset_params.synthetic.num_frames=6",
-        "dataset_params.synthetic.size=32",
-        "model_params.common_params.num_cpab=2",
-        "model_params.generator_params.block_expansion=8",
-        "model_params.generator_params.max_features=16",
-        "model_params.dense_motion_params.block_expansion=8",
-        "model_params.dense_motion_params.max_features=16",
-        "model_params.dense_motion_params.num_blocks=2",
-        "model_params.dense_motion_params.scale_factor=0.25",
-        f"model_params.dense_motion_params.motion={motion}",
-        "model_params.dense_motion_params.cpab.gn_iter=2",
-        "model_params.avd_network_params.id_bottle_size=8",
-        "model_params.avd_network_params.pose_bottle_size=8",
-        "train_params.num_epochs=1",
-        "train_params.num_repeats=1",
-        "train_params.batch_size=2",
-        "train_params.max_steps_per_epoch=1",
-        "train_params.dataloader_workers=0",
-        "train_params.scales=[1]",
-        "train_params.loss_weights.perceptual=[0, 0, 0, 0, 0]",
-        "train_params.log_freq=1",
-        "train_params.image_freq=1",
-        "train_params.bg_start=1",
-        "train_params.dropout_epoch=1",
-        "train_avd_params.num_epochs=1",
-        "train_avd_params.num_repeats=1",
-        "train_avd_params.batch_size=2",
-        "train_avd_params.dataloader_workers=0",
-        "visualizer_params.kp_size=1",
-    ]
+    """test_train's tiny run (4 training / 2 test videos of 6 frames at 32x32, tiny networks, batch 2), one
+    epoch of one step, with the motion model ``motion``."""
+    return train_overrides(data_dir) + [f"model_params.dense_motion_params.motion={motion}",
+                                        "train_params.num_epochs=1"]
 
 
 def write_config(path, motion, data_dir, *more):
