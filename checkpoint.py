@@ -7,10 +7,19 @@ optimizer / scheduler state dicts (optimizer, scheduler, optimizer_bg, scheduler
 scheduler_avd), integer counters (epoch, step; avd_epoch, avd_step), the seed and the resolved config
 as a plain nested dict. Nothing in it needs unpickling of arbitrary classes.
 
+The upstream layout (TPSMM's published models, and the official CPABMM code, whose loggers' ``save_cpk``
+write ``{network name: state dict, ..., 'optimizer', 'optimizer_bg_predictor' or 'optimizer_avd': Adam
+state dicts, 'epoch': int}``, bg_predictor absent without bg or before bg_start) uses the same network
+names but holds no config: it is read for its weights only (:func:`checkpoint_layout`), which are then
+checked against the config by strict loading; its optimiser entries and epoch are ignored. It too holds
+only tensors, plain containers and numbers, so ``weights_only=True`` reads it.
+
 Following ``run.py --checkpoint``: :func:`open_checkpoint` (read, config check, where the run goes), then
 ``train.train`` / ``train.train_avd`` / reconstruction call :func:`load_network_states` (and
 :func:`load_training_states` to resume). :func:`network_states` is the one place that maps a loaded
-dict to the networks' state dicts (the place for other checkpoint layouts).
+dict to the networks' state dicts (the place for other checkpoint layouts). ``run.py --init_from``:
+:func:`init_network_states` copies every tensor whose name and shape fit from a checkpoint of either
+layout into fresh networks.
 """
 import datetime
 import errno
@@ -25,6 +34,14 @@ from modules import MAIN_NETWORKS
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
 NETWORK_NAMES = MAIN_NETWORKS + ("avd_network",)
+# The layouts :func:`checkpoint_layout` tells apart.
+FRAMEWORK_LAYOUT = "framework"
+UPSTREAM_LAYOUT = "upstream"   # TPSMM's / the official CPABMM's save_cpk
+LAYOUT_NAMES = {FRAMEWORK_LAYOUT: "this framework's layout", UPSTREAM_LAYOUT: "TPSMM's / official CPABMM's layout"}
+# The networks every upstream checkpoint holds (bg_predictor and avd_network are optional there).
+UPSTREAM_REQUIRED = ("kp_detector", "dense_motion_network", "inpainting_network")
+UPSTREAM_HINT = "TPSMM's published models need their config/tpsmm-*.yaml (motion: tps)"
+INIT_RECORD = "init_from.json"
 
 
 # A checkpoint being written: ``<final name>.partial-<pid>`` (never matches ``*.pth.tar``).
@@ -170,6 +187,18 @@ def first_difference(expected, found, prefix=""):
     return None
 
 
+def checkpoint_layout(checkpoint, path):
+    """``FRAMEWORK_LAYOUT`` (this framework's: it holds its config) or ``UPSTREAM_LAYOUT`` (TPSMM's / the
+    official CPABMM's: no config, the state dicts of kp_detector, dense_motion_network and
+    inpainting_network); a one-line error for anything else."""
+    if isinstance(checkpoint.get("config"), dict):
+        return FRAMEWORK_LAYOUT
+    if all(isinstance(checkpoint.get(name), dict) for name in UPSTREAM_REQUIRED):
+        return UPSTREAM_LAYOUT
+    raise CheckpointError(f"checkpoint {path} holds no config and is not in TPSMM's layout either (state dicts "
+                          f"under {', '.join(UPSTREAM_REQUIRED)}): not a checkpoint this framework reads")
+
+
 def check_config(checkpoint, config, path):
     """One-line error when the checkpoint was written for other ``model_params`` than ``config``'s."""
     if "config" not in checkpoint or not isinstance(checkpoint["config"], dict):
@@ -196,9 +225,17 @@ def open_checkpoint(path, config, mode):
     """What ``run.py --checkpoint path --mode mode`` needs: (checkpoint dict, resume directory or None).
 
     Reads the file on the CPU, checks that it was written for ``config``'s model_params, and says where
-    the run continues (:func:`resume_dir`).
+    the run continues (:func:`resume_dir`). A checkpoint in the upstream layout (TPSMM's) has no config
+    to check and nothing to resume: for ``reconstruction`` and ``train_avd`` (as the main networks) it
+    becomes its network state dicts only (checked by strict loading, a new run directory); ``train``
+    refuses it (``--init_from`` starts a run from its weights).
     """
     checkpoint = load_checkpoint(path, map_location="cpu")
+    if checkpoint_layout(checkpoint, path) == UPSTREAM_LAYOUT:
+        if mode == "train":
+            raise CheckpointError(f"checkpoint {path} is in TPSMM's layout (no config, scheduler or step): it cannot "
+                                  f"be resumed; start a new run from its weights with --init_from {path}")
+        return network_states(checkpoint), None
     check_config(checkpoint, config, path)
     return checkpoint, resume_dir(path, checkpoint, mode)
 
@@ -217,9 +254,30 @@ def resumed_config_path(run_dir, config):
 
 
 def network_states(checkpoint):
-    """{network name: state dict} of a loaded checkpoint (this framework's layout: one entry per network
-    under its name)."""
+    """{network name: state dict} of a loaded checkpoint. Both layouts keep one entry per network under
+    the same names (kp_detector, dense_motion_network, inpainting_network, bg_predictor, avd_network);
+    their other entries (optimisers, counters, config) are not networks."""
     return {name: checkpoint[name] for name in NETWORK_NAMES if isinstance(checkpoint.get(name), dict)}
+
+
+def _shape(value):
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def state_dict_differences(expected, found):
+    """Why state dict ``found`` (a checkpoint's) does not load strict into a network whose own state
+    dict is ``expected``: ["<key> has shape (..) in the checkpoint but (..) in this config", "<key> is
+    missing from the checkpoint", "<key> of the checkpoint is not in this config's network"]; [] when
+    it fits."""
+    problems = []
+    for key, value in expected.items():
+        if key not in found:
+            problems.append(f"{key} is missing from the checkpoint")
+        elif not isinstance(found[key], torch.Tensor) or found[key].shape != value.shape:
+            problems.append(f"{key} has shape {_shape(found[key])} in the checkpoint but {_shape(value)} in "
+                            f"this config")
+    problems.extend(f"{key} of the checkpoint is not in this config's network" for key in found if key not in expected)
+    return problems
 
 
 def _state_dict_problem(error):
@@ -232,17 +290,26 @@ def _state_dict_problem(error):
 
 
 def load_network_states(networks, checkpoint, path, names, config_path=None):
-    """Load the state dicts of ``names`` from ``checkpoint`` into ``networks`` (strict; a network that is
-    None, e.g. bg_predictor without bg, is skipped). One-line errors naming the network (and
-    ``config_path`` when given) for a missing entry or one that does not fit."""
+    """Load the state dicts of ``names`` from ``checkpoint`` (either layout) into ``networks`` (strict; a
+    network that is None, e.g. bg_predictor without bg, is skipped, but weights for it in the checkpoint
+    are an error). One-line errors naming the network, the first key that does not fit with both shapes
+    (and ``config_path`` when given) for a missing entry or one that does not fit."""
     states = network_states(checkpoint)
     where = f" {config_path}" if config_path else ""
+    hint = f"; {UPSTREAM_HINT}" if not isinstance(checkpoint.get("config"), dict) else ""
     for name in names:
         network = networks.get(name)
         if network is None:
+            if name in states:
+                raise CheckpointError(f"checkpoint {path} does not match config{where}: it has '{name}' weights "
+                                      f"but the config builds no {name} (model_params.common_params.bg is false)")
             continue
         if name not in states:
             raise CheckpointError(f"checkpoint {path} has no '{name}' weights")
+        problems = state_dict_differences(network.state_dict(), states[name])
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise CheckpointError(f"checkpoint {path} does not match config{where}: {name}.{problems[0]}{more}{hint}")
         try:
             network.load_state_dict(states[name])
         except (RuntimeError, TypeError, AttributeError) as error:
@@ -259,3 +326,48 @@ def load_training_states(checkpoint, path, targets):
         if key not in checkpoint:
             raise CheckpointError(f"checkpoint {path} has no '{key}' state: cannot resume")
         target.load_state_dict(checkpoint[key])
+
+
+def copy_matching_states(networks, states, names):
+    """Copy into ``networks`` (in place) every tensor of ``states`` ({network name: state dict}) whose
+    network, key and shape match, for the networks ``names`` that exist (bg_predictor is None without
+    bg); every other tensor keeps its value. Returns {name: {"copied": n, "fresh": [keys not copied],
+    "unused": [keys of ``states[name]`` not copied]}}."""
+    summary = {}
+    for name in names:
+        network = networks.get(name)
+        if network is None:
+            continue
+        own = network.state_dict()
+        source = states.get(name, {})
+        matching = {key: value for key, value in source.items()
+                    if key in own and isinstance(value, torch.Tensor) and value.shape == own[key].shape}
+        network.load_state_dict(matching, strict=False)
+        summary[name] = {"copied": len(matching), "fresh": [key for key in own if key not in matching],
+                         "unused": [key for key in source if key not in matching]}
+    return summary
+
+
+def init_network_states(networks, path, names):
+    """``run.py --init_from``: :func:`copy_matching_states` from the checkpoint at ``path`` (this
+    framework's layout or the upstream one). Nothing else is read: no optimiser, scheduler, counter or
+    config; the checkpoint may come from another config, e.g. TPSMM's into CPABMM, where the
+    dense-motion layers whose shape depends on the number of warps stay fresh.
+
+    Returns {"init_from": absolute path, "layout": ..., "networks": copy_matching_states' summary}.
+    One-line errors for an unreadable file and for one of which no tensor fits.
+    """
+    checkpoint = load_checkpoint(path, map_location="cpu")
+    layout = checkpoint_layout(checkpoint, path)
+    summary = copy_matching_states(networks, network_states(checkpoint), names)
+    if not any(entry["copied"] for entry in summary.values()):
+        raise CheckpointError(f"--init_from {path}: no tensor of the checkpoint matches this config's networks "
+                              f"({', '.join(summary)}) by name and shape")
+    return {"init_from": os.path.abspath(path), "layout": layout, "networks": summary}
+
+
+def init_summary_line(record):
+    """The one line ``run.py --init_from`` prints: tensors copied / kept fresh per network."""
+    counts = ", ".join(f"{name} {entry['copied']}/{len(entry['fresh'])}" for name, entry in record["networks"].items())
+    layout = LAYOUT_NAMES[record["layout"]]
+    return f"init_from {record['init_from']} ({layout}): tensors copied/fresh: {counts}"

@@ -31,7 +31,7 @@ from skimage.util import img_as_float32
 from tqdm import tqdm
 
 import animation
-from checkpoint import load_checkpoint, load_network_states
+from checkpoint import checkpoint_layout, load_checkpoint, load_network_states
 from configuration import load_config
 from modules import MAIN_NETWORKS, build_networks
 from modules.sizes import check_frame_size
@@ -89,7 +89,9 @@ def _positive_float(text):
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--config", required=True, help="YAML config the checkpoint was trained with")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint written by run.py")
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint written by run.py, or a published TPSMM model (with its "
+                             "config/tpsmm-*.yaml)")
     parser.add_argument("--source_image", required=True, help="image to animate (any size, grey/RGB/RGBA)")
     parser.add_argument("--driving_video", required=True,
                         help="video whose motion drives the source, or a folder of frames (FOMM layout)")
@@ -144,12 +146,15 @@ def load_networks(config, config_path, checkpoint_path, device, mode):
     """Build the networks of ``config``, load them from the checkpoint, move to ``device``, eval mode.
 
     Returns a dict with kp_detector, dense_motion_network, inpainting_network (and avd_network for
-    ``mode == "avd"``). The BG predictor is not loaded: the demo uses no background motion.
+    ``mode == "avd"``). The BG predictor is not loaded: the demo uses no background motion. The
+    checkpoint is this framework's or in the upstream layout (TPSMM's published models); either way
+    the config is checked by strict loading only, so ``--set`` may change settings that hold no weights.
     """
     names = DEMO_NETWORKS + (("avd_network",) if mode == "avd" else ())
     built = build_networks(config)
     try:
         checkpoint = load_checkpoint(checkpoint_path, map_location=device)
+        checkpoint_layout(checkpoint, checkpoint_path)
         if mode == "avd" and checkpoint.get("avd_network") is None:
             raise DemoError(f"--mode avd needs an AVD network but checkpoint {checkpoint_path} has none "
                             f"(train one with: python run.py --mode train_avd), or use --mode relative")

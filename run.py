@@ -4,16 +4,22 @@ Every run writes into a run directory ``<log_dir>/<config>-<tag>-<YYYYmmdd-HHMMS
 resolved config (config.yaml), TensorBoard logs, checkpoints and outputs. ``--mode train`` with
 ``--checkpoint`` resumes that run in the checkpoint's directory; ``train_avd`` and ``reconstruction``
 read ``--checkpoint`` and write a new run directory (``train_avd`` resumes in place when the
-checkpoint is one of its own).
+checkpoint is one of its own). ``--checkpoint`` also takes TPSMM's published models (the upstream
+layout, with their config) for ``reconstruction`` and ``train_avd``. ``--init_from`` (train, train_avd)
+starts a new run from the weights of any such checkpoint: every tensor whose name and shape fit is
+copied, the rest stays fresh, no optimiser state or epoch is taken; the run directory records it in
+``init_from.json``.
 
 Multi-GPU/multi-process: ``torchrun --nproc_per_node=N run.py ...`` (DDP; gloo on CPU, nccl on CUDA,
 one GPU per process by LOCAL_RANK). Errors in the inputs (config, checkpoint, data, a frame size the
 networks cannot take), a NaN/inf in training and a failed write (a full disk) end the run with one line
-on stderr and exit status 1; a run directory that holds nothing but its config.yaml is then removed.
+on stderr and exit status 1; a new run directory that holds nothing but its config.yaml (and
+init_from.json) is then removed.
 """
 import argparse
 import datetime
 import errno
+import json
 import os
 import re
 import shutil
@@ -43,7 +49,12 @@ def parse_args(argv=None):
     parser.add_argument("--mode", default="train", choices=MODES)
     parser.add_argument("--log_dir", default="runs", help="parent folder of the run directories")
     parser.add_argument("--checkpoint", default=None,
-                        help="train: resume this checkpoint; train_avd/reconstruction: the trained model")
+                        help="train: resume this checkpoint; train_avd/reconstruction: the trained model "
+                             "(this framework's, or TPSMM's with its config/tpsmm-*.yaml)")
+    parser.add_argument("--init_from", default=None, metavar="CHECKPOINT",
+                        help="train/train_avd: start a new run from this checkpoint's weights (this "
+                             "framework's, TPSMM's or the official CPABMM's): tensors whose name and shape "
+                             "fit are copied, the others stay fresh; no optimiser state, no epoch")
     parser.add_argument("--device", default=None,
                         help="torch device (default: cuda when available, else cpu); under torchrun "
                              "'cuda' means the GPU of LOCAL_RANK")
@@ -156,11 +167,20 @@ def execute(args, dist, device, created):
     check_eval_config(config, args.mode == "reconstruction" or (
         args.mode == "train" and config["train_params"]["evaluate_after_training"]), args.config)
     check_frame_sizes(config, args.mode, probe=False)
+    if args.init_from is not None and args.checkpoint is not None:
+        raise ValueError("give --checkpoint (resume, or the model to evaluate) or --init_from (a new run from "
+                         "its weights), not both")
+    if args.init_from is not None and args.mode == "reconstruction":
+        raise ValueError("--init_from starts a training run (--mode train or train_avd); --mode reconstruction "
+                         "evaluates --checkpoint")
+    if args.init_from is not None and not os.path.isfile(args.init_from):
+        raise FileNotFoundError(f"--init_from: checkpoint file not found: {args.init_from}")
     checkpoint, resume_dir = None, None
     if args.checkpoint is not None:
         checkpoint, resume_dir = checkpoints.open_checkpoint(args.checkpoint, config, args.mode)
-    elif args.mode != "train":
-        raise ValueError(f"--mode {args.mode} needs --checkpoint")
+    elif args.mode != "train" and args.init_from is None:
+        alternative = " or --init_from" if args.mode == "train_avd" else ""
+        raise ValueError(f"--mode {args.mode} needs --checkpoint{alternative}")
     seed = int(checkpoint["seed"]) if checkpoint is not None and "seed" in checkpoint else args.seed
 
     # The one place the synthetic data set is generated (when root_dir is missing): rank 0, the others wait.
@@ -171,18 +191,30 @@ def execute(args, dist, device, created):
 
     torch.manual_seed(seed)
     networks = build_networks(config, device)
+    init_record = None
+    if args.init_from is not None:
+        names = MAIN_NETWORKS + (("avd_network",) if args.mode == "train_avd" else ())
+        init_record = checkpoints.init_network_states(networks, args.init_from, names)
+        if args.mode == "train_avd":
+            # The initialised main networks are train_avd's frozen model; no optimizer_avd: a fresh AVD run.
+            checkpoint = checkpoints.state_dicts(networks, MAIN_NETWORKS)
     run_dir = prepare_run_dir(args, config, dist, resume_dir)
     if resume_dir is None:
         created.append(run_dir)
     if dist.is_main:
         print(f"run directory: {run_dir}")
+        if init_record is not None:
+            record_path = os.path.join(run_dir, checkpoints.INIT_RECORD)
+            with open(record_path, "w", encoding="utf-8") as stream:
+                json.dump(init_record, stream, indent=2)
+            print(f"{checkpoints.init_summary_line(init_record)}; fresh tensor names in {record_path}")
 
     if args.mode == "train":
         return train(config, networks, run_dir, device, dist=dist, seed=seed, checkpoint=checkpoint,
                      checkpoint_path=args.checkpoint)
     if args.mode == "train_avd":
         return train_avd(config, networks, run_dir, device, dist=dist, seed=seed, checkpoint=checkpoint,
-                         checkpoint_path=args.checkpoint)
+                         checkpoint_path=args.checkpoint or args.init_from)
     checkpoints.load_network_states(networks, checkpoint, args.checkpoint, MAIN_NETWORKS, config_path=args.config)
     return evaluate_test_split(config, networks, run_dir, device, dist, checkpoint=args.checkpoint)
 
@@ -207,7 +239,7 @@ def main(argv=None):
         execute(args, dist, device, created)
     except (ValueError, OSError, NonFiniteLossError) as error:
         print(f"error: {one_line(error) if isinstance(error, OSError) else error}", file=sys.stderr)
-        if dist.is_main and created and set(os.listdir(created[0])) <= {"config.yaml"}:
+        if dist.is_main and created and set(os.listdir(created[0])) <= {"config.yaml", checkpoints.INIT_RECORD}:
             shutil.rmtree(created[0])
         return 1
     finally:

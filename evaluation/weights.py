@@ -15,6 +15,7 @@ import os
 import torch
 
 from configuration import ConfigError
+from losses.pretrained import MissingWeightsError, find_weight_file
 
 LOGGER = logging.getLogger(__name__)
 
@@ -39,10 +40,6 @@ WEIGHT_SOURCES = {
 }
 
 
-class MissingWeightsError(ConfigError):
-    """A metric needs a weight file that is not there (one-line message)."""
-
-
 def candidate_paths(key, path):
     """Where :func:`resolve_weight_file` looks for ``key``, in order."""
     name = WEIGHT_SOURCES[key][0]
@@ -61,18 +58,10 @@ def resolve_weight_file(key, path, allow_random_weights, option="eval_params.wei
         raise ConfigError(f"{option}: unknown weight key '{key}' (known: {', '.join(WEIGHT_SOURCES)})")
     setting = f"{option} {key}=..." if option.startswith("--") else f"{option}.{key}"
     name, url, _ = WEIGHT_SOURCES[key]
-    candidates = candidate_paths(key, path)
-    for candidate in candidates:
-        if os.path.isfile(candidate):
-            return candidate
-    if allow_random_weights:
-        LOGGER.warning("RANDOM WEIGHTS: %s: file %s not found; the %s network is randomly initialised "
-                       "(allow_random_weights: smoke tests only, its metrics are meaningless)",
-                       setting, " or ".join(candidates), key)
-        return None
-    raise MissingWeightsError(
-        f"{setting}: weight file '{path or name}' not found (looked at {', '.join(candidates)}); get "
-        f"{name} from {url} and put it there, or set allow_random_weights for a smoke test")
+    return find_weight_file(setting, candidate_paths(key, path), path or name, name, url,
+                            allow_random_weights,
+                            f"the {key} network is randomly initialised (allow_random_weights: smoke tests only, "
+                            "its metrics are meaningless)", "set allow_random_weights for a smoke test")
 
 
 def describe_weight_file(path):

@@ -55,6 +55,24 @@ def candidate_paths(path, default_name):
     return candidates
 
 
+def find_weight_file(setting, candidates, shown, name, url, allow_random_weights, random_note, remedy):
+    """The first existing file of ``candidates``, or None (logged loudly) when random weights are allowed.
+
+    ``setting`` names the config key or flag in messages, ``shown`` the file asked for, ``name``/``url``
+    the canonical file and where to get it, ``random_note`` what random weights mean for the user,
+    ``remedy`` the ways out besides the file. Raises :class:`MissingWeightsError` (one line) when nothing
+    is found. Shared by the losses here and the evaluation extractors (``evaluation/weights.py``).
+    """
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            return candidate
+    if allow_random_weights:
+        LOGGER.warning("RANDOM WEIGHTS: %s: file %s not found; %s", setting, " or ".join(candidates), random_note)
+        return None
+    raise MissingWeightsError(f"{setting}: weight file '{shown}' not found (looked at {', '.join(candidates)}); "
+                              f"get {name} from {url} and put it there, or {remedy}")
+
+
 def resolve_weight_file(key, path, allow_random_weights, sam_model_type):
     """Existing file for ``train_params.pretrained.<key>``, or None when random weights are allowed.
 
@@ -62,19 +80,11 @@ def resolve_weight_file(key, path, allow_random_weights, sam_model_type):
     Raises :class:`MissingWeightsError` (a ``ConfigError``, one line) when nothing is found.
     """
     default_name, url = source_of(key, sam_model_type)
-    candidates = candidate_paths(path, default_name)
-    for candidate in candidates:
-        if os.path.isfile(candidate):
-            return candidate
-    if allow_random_weights:
-        LOGGER.warning("RANDOM WEIGHTS: train_params.pretrained.%s file %s not found; the loss that needs "
-                       "it uses a randomly initialised network (allow_random_weights is true: smoke tests "
-                       "only, the loss is meaningless)", key, " or ".join(candidates))
-        return None
-    raise MissingWeightsError(
-        f"train_params.pretrained.{key}: weight file '{path or default_name}' not found (looked at "
-        f"{', '.join(candidates)}); get {default_name} from {url} and put it there, or set its loss "
-        f"weight to 0, or set train_params.pretrained.allow_random_weights to true for a smoke test")
+    return find_weight_file(
+        f"train_params.pretrained.{key}", candidate_paths(path, default_name), path or default_name, default_name, url,
+        allow_random_weights, "the loss that needs it uses a randomly initialised network (allow_random_weights "
+        "is true: smoke tests only, the loss is meaningless)",
+        "set its loss weight to 0, or set train_params.pretrained.allow_random_weights to true for a smoke test")
 
 
 def load_state_dict_file(path):
