@@ -74,6 +74,15 @@ def cell_index(points, nx, ny):
     return 4 * (j.long() * nx + i.long()) + t
 
 
+def cell_affines(theta, basis, n_cells):
+    """Per-cell affine matrices (B, nC, 2, 3) = reshape(basis @ theta) for theta (B, d), basis (6 nC, d),
+    computed in theta's dtype on its device."""
+    basis = basis.to(device=theta.device, dtype=theta.dtype)
+    if basis.is_inference() and not torch.is_inference_mode_enabled():
+        basis = basis.clone()  # a module built under inference_mode, used with autograd (a fit)
+    return (theta @ basis.T).view(theta.shape[0], n_cells, 2, 3)
+
+
 def velocity(points, affines, nx, ny):
     """Velocity (B, N, 2) at points (B, N, 2) of the CPA field with per-cell affines (B, nC, 2, 3)."""
     cells = cell_index(points, nx, ny)
@@ -94,11 +103,15 @@ def flow_table(affines, steps, refine):
     T = steps * 2**refine ticks make up time 1. Computed in float64 by scaling and squaring (degree-10
     Taylor polynomial of the scaled homogeneous matrix, whose norm is at most 1/16: truncation error
     below 1e-16) and cast back to affines.dtype. Differentiable (autograd through plain products).
+    The scaling is read on the host (a synchronisation on CUDA); non-finite affines raise ValueError.
     """
     hom = affines.to(torch.float64)
     tau = 1.0 / (steps * 2 ** refine)
     norm = hom.abs().sum(-1).amax() * tau  # >= the infinity norm of tau * [[A], [0 0 0]]
-    squarings = max(0, int(torch.ceil(torch.log2(norm.detach() * 16.0)).clamp(min=0)))
+    exponent = torch.ceil(torch.log2(norm.detach() * 16.0)).clamp(min=0)
+    if not bool(torch.isfinite(exponent)):  # the host reads the scaling anyway: say why it cannot
+        raise ValueError("theta (its cell affines) contains non-finite values (nan or inf)")
+    squarings = int(exponent)
     X = hom * (tau / 2 ** squarings)
     X_lin, X_t = X[..., :2], X[..., 2]
     eye = torch.eye(2, dtype=torch.float64, device=affines.device)

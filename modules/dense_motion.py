@@ -129,11 +129,11 @@ class DenseMotionNetwork(nn.Module):
     def _fit(self, transform, x, y, iterations):
         if self.fit_method == "gauss_newton":
             iterations = self.gn_iter
-        # cpab's fits run under no_grad / inference_mode too (they clone into normal tensors).
-        # check=False: no finiteness checks (host syncs on the GPU); non-finite keypoints surface as a
+        # cpab's fits run under no_grad / inference_mode too (they clone into normal tensors). No finiteness
+        # checks (cpab's default: they would be host syncs on the GPU); non-finite keypoints surface as a
         # non-finite loss, which training reports.
         return transform.fit(x, y, method=self.fit_method, iterations=iterations, lr=self.fit_lr,
-                             theta_init=self.theta_init, damping=self.gn_damping, check=False)
+                             theta_init=self.theta_init, damping=self.gn_damping)
 
     def create_transformations(self, size, kp_driving, kp_source, bg_param):
         """(B, num_warps, h, w, 2) driving->source grids: [background, K partial, (global)]."""
@@ -149,9 +149,9 @@ class DenseMotionNetwork(nn.Module):
             return torch.cat([background, partial], dim=1)
 
         theta_partial, theta_global = self.fit_cpab(kp_driving, kp_source)
-        warps = [background, self.partial_cpab.grid(theta_partial, size=size, check=False).view(bs, self.num_cpab, h, w, 2)]
+        warps = [background, self.partial_cpab.grid(theta_partial, size=size).view(bs, self.num_cpab, h, w, 2)]
         if theta_global is not None:
-            warps.append(self.global_cpab_transform.grid(theta_global, size=size, check=False)[:, None])
+            warps.append(self.global_cpab_transform.grid(theta_global, size=size)[:, None])
         return torch.cat(warps, dim=1)
 
     def fit_cpab(self, kp_driving, kp_source):
@@ -183,11 +183,11 @@ class DenseMotionNetwork(nn.Module):
             return theta
         bs, n, _ = x.shape
         # d T(x) / d theta without autograd (the integrator's sensitivity on a CPU, the exact adjoint on CUDA);
-        # unchecked like the fits (no host synchronisation): non-finite keypoints surface in the loss.
-        jac = transform.transform_jacobian(x.detach(), theta.detach(), check=False)[1].reshape(bs, 2 * n, -1)
+        # no finiteness checks, like the fits (no host synchronisation): non-finite keypoints surface in the loss.
+        jac = transform.transform_jacobian(x.detach(), theta.detach())[1].reshape(bs, 2 * n, -1)
         normal = jac.transpose(1, 2) @ jac + self.gn_damping * torch.eye(jac.shape[2], dtype=jac.dtype,
                                                                          device=jac.device)
-        residual = (transform.transform_unchecked(x, theta.detach()) - y).reshape(bs, 2 * n, 1)
+        residual = (transform.transform(x, theta.detach()) - y).reshape(bs, 2 * n, 1)
         step = torch.linalg.solve_ex(normal, jac.transpose(1, 2) @ residual)[0][..., 0]
         return theta - (step - step.detach())
 
