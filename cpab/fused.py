@@ -30,6 +30,7 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 BACKENDS = ("auto", "reference", "triton")
 POINT_BLOCK, POINT_WARPS = 128, 4  # dense point sets (grids, transforms)
 FIT_BLOCK, FIT_WARPS = 32, 1       # keypoint fits: few points per transform, one warp per block
+LM_WARPS = 4
 GRAPH_CACHE_SIZE = 8               # captured fits kept per CPAB module
 _DAMPING_FLOOR = 1e-3              # cpab.fit.fit_gauss_newton's mu floor factor (scale of J^T J)
 _caches: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -103,6 +104,41 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+# The kernel specialisations the launches below use (checked at every launch, so `specialisations`, the
+# compile check's list, cannot miss one). Points: (MODE, GRID, GRAD_POINTS, HAS_Y); cells: (BACKWARD,
+# UPDATE, FORWARD); lm: MODE. Modes and codes are those of `cpab.kernels`.
+POINT_VARIANTS = ((0, False, False, False), (0, True, False, False), (1, False, False, False),
+                  (1, True, False, False), (2, False, False, False), (2, False, True, False),
+                  (2, True, False, False), (3, False, False, False), (4, False, False, False),
+                  (4, False, False, True))
+CELL_VARIANTS = ((False, 0, True), (True, 1, False), (False, 4, True), (True, 2, True), (False, 3, True))
+LM_VARIANTS = (0, 1, 2)
+F64_POINTERS = {"points": ("sumsq_ptr",), "cells": ("ga_ptr", "sumsq_ptr", "hyper_ptr", "steps_ptr"),
+                "lm": ("hyper_ptr",)}
+_dummies: dict = {}
+
+
+def _dummy(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A one-element tensor for pointer arguments a launch does not use (cached: none is made in a capture)."""
+    key = (device, dtype)
+    if key not in _dummies:
+        with torch.inference_mode(False):
+            _dummies[key] = torch.zeros(1, dtype=dtype, device=device)
+    return _dummies[key]
+
+
+def _point_launch(mode: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) of a points launch: fits and Jacobian rows have few points per transform."""
+    return (FIT_BLOCK, FIT_WARPS) if mode in (3, 4) else (POINT_BLOCK, POINT_WARPS)
+
+
+def _cell_launch(n_cells: int, dim: int) -> dict:
+    """Block sizes and num_warps of a cells launch for a tessellation with n_cells cells and dim parameters."""
+    block_j = _next_pow2(6 * n_cells)
+    return dict(BLOCK_C=_next_pow2(n_cells), BLOCK_D=_next_pow2(dim), BLOCK_J=block_j,
+                num_warps=8 if block_j >= 1024 else 4)
+
+
 class _Geometry:
     """A module's integrator settings and the kernel arguments they give."""
 
@@ -113,46 +149,69 @@ class _Geometry:
         self.refine, self.max_crossings = model.refine, model.max_crossings
         self.ticks = model.steps * 2 ** model.refine
         self.row = self.n_cells * (self.refine + 2) * 6  # one gradient row (table levels + affines)
-        self.block_c = _next_pow2(self.n_cells)
-        self.block_d = _next_pow2(self.dim)
-        self.block_j = _next_pow2(6 * self.n_cells)
-        self.cell_warps = 8 if self.block_j >= 1024 else 4
+        self.cell_meta = _cell_launch(self.n_cells, self.dim)
+        self.block_d = self.cell_meta["BLOCK_D"]
 
     def cells(self, kernels, rows, rows_per_b, theta, basis, basis_t, affines, table, *, grad=None, ga=None,
               out=None, m=None, v=None, sumsq=None, hyper=None, steps=None, delta=None, backward=False,
               update=0, forward=True, loss=0, step=0, sumsq_slot=0, out_stride=0):
-        dummy = theta
+        if (backward, update, forward) not in CELL_VARIANTS:
+            raise RuntimeError(f"unlisted cells kernel specialisation {(backward, update, forward)}")
+        same, f64 = _dummy(theta.device, theta.dtype), _dummy(theta.device, torch.float64)
         _launch("cells", kernels._cells_kernel, (rows,),
                 theta, basis, basis_t, affines, table,
-                dummy if grad is None else grad, dummy if ga is None else ga, dummy if out is None else out,
-                dummy if m is None else m, dummy if v is None else v, dummy if sumsq is None else sumsq,
-                dummy if hyper is None else hyper, dummy if steps is None else steps,
-                dummy if delta is None else delta,
+                same if grad is None else grad, f64 if ga is None else ga, same if out is None else out,
+                same if m is None else m, same if v is None else v, f64 if sumsq is None else sumsq,
+                f64 if hyper is None else hyper, f64 if steps is None else steps,
+                same if delta is None else delta,
                 self.dim, self.n_cells, self.ticks, rows_per_b, self.row, out_stride, step, sumsq_slot,
-                REFINE=self.refine, BACKWARD=backward, UPDATE=update, FORWARD=forward, LOSS=loss,
-                BLOCK_C=self.block_c, BLOCK_D=self.block_d, BLOCK_J=self.block_j, num_warps=self.cell_warps)
+                self.refine, loss, BACKWARD=backward, UPDATE=update, FORWARD=forward, **self.cell_meta)
 
     def points(self, kernels, mode, n_points, points_per_batch, table, affines, *, points=None, out=None, jac=None,
                aux=None, aux_strides=(0, 0, 0), grad=None, gpoints=None, sumsq=None, aug=None, size=None,
-               loss=0, sumsq_slot=0, block=POINT_BLOCK, warps=POINT_WARPS):
-        dummy = table
+               loss=0, sumsq_slot=0):
+        variant = (mode, size is not None, gpoints is not None, aug is not None)
+        if variant not in POINT_VARIANTS:
+            raise RuntimeError(f"unlisted points kernel specialisation {variant}")
+        same, f64 = _dummy(table.device, table.dtype), _dummy(table.device, torch.float64)
         height, width = size if size is not None else (1, 1)
-        dtype = table.dtype
-        _launch("points", kernels._points_kernel, (triton_cdiv(n_points, block),),
-                dummy if points is None else points, table, affines, dummy if out is None else out,
-                dummy if jac is None else jac, dummy if aux is None else aux, dummy if grad is None else grad,
-                dummy if gpoints is None else gpoints, dummy if sumsq is None else sumsq,
-                dummy if aug is None else aug,
+        block, warps = _point_launch(mode)
+        _launch("points", kernels._points_kernel, ((n_points + block - 1) // block,),
+                same if points is None else points, table, affines, same if out is None else out,
+                same if jac is None else jac, same if aux is None else aux, same if grad is None else grad,
+                same if gpoints is None else gpoints, f64 if sumsq is None else sumsq,
+                same if aug is None else aug,
                 n_points, points_per_batch, self.n_cells, self.nx, 0.5 * self.nx, 0.5 * self.ny,
                 float(self.nx - 1), float(self.ny - 1), self.ticks, self.max_crossings,
-                torch.finfo(dtype).eps ** 2, self.row, width, height, *aux_strides,
-                0 if aug is None else aug.shape[-1], sumsq_slot,
-                REFINE=self.refine, MODE=mode, GRID=size is not None, LOSS=loss, GRAD_POINTS=gpoints is not None,
-                HAS_Y=aug is not None, BLOCK=block, num_warps=warps, enable_fp_fusion=False)
+                torch.finfo(table.dtype).eps ** 2, self.row, width, height, *aux_strides,
+                0 if aug is None else aug.shape[-1], sumsq_slot, self.refine, loss,
+                MODE=mode, GRID=variant[1], GRAD_POINTS=variant[2], HAS_Y=variant[3], BLOCK=block,
+                num_warps=warps, enable_fp_fusion=False)
 
 
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
+def specialisations(models) -> list[tuple[str, str, dict, int]]:
+    """Every kernel specialisation this module launches for CPAB modules like `models` (their
+    tessellation sizes), in both dtypes: (kernel name, dtype "fp32"/"fp64", constexprs, num_warps).
+    Pointer arguments are of that dtype except those in F64_POINTERS; integers i32, floats fp32."""
+    result = []
+    for dtype in ("fp32", "fp64"):
+        for mode, grid, grad_points, has_y in POINT_VARIANTS:
+            block, warps = _point_launch(mode)
+            result.append(("_points_kernel", dtype, dict(MODE=mode, GRID=grid, GRAD_POINTS=grad_points,
+                                                         HAS_Y=has_y, BLOCK=block), warps))
+        cell_blocks, lm_blocks = {}, set()
+        for model in models:
+            meta = _cell_launch(model.n_cells, model.dim)
+            cell_blocks[(meta["BLOCK_C"], meta["BLOCK_D"], meta["BLOCK_J"])] = meta["num_warps"]
+            lm_blocks.add(meta["BLOCK_D"])
+        for (block_c, block_d, block_j), warps in cell_blocks.items():
+            for backward, update, forward in CELL_VARIANTS:
+                result.append(("_cells_kernel", dtype, dict(BACKWARD=backward, UPDATE=update, FORWARD=forward,
+                                                            BLOCK_C=block_c, BLOCK_D=block_d, BLOCK_J=block_j), warps))
+        for block_d in sorted(lm_blocks):
+            for mode in LM_VARIANTS:
+                result.append(("_lm_kernel", dtype, dict(MODE=mode, BLOCK_D=block_d), LM_WARPS))
+    return result
 
 
 def _tables(geo: _Geometry, kernels, theta, basis, basis_t):
@@ -244,8 +303,7 @@ def transform_jacobian(model, points: torch.Tensor, theta: torch.Tensor):
         rows = B * 2 * N
         grad = theta.new_zeros(rows, geo.row)
         out = theta.new_empty(B, N, 2)
-        geo.points(kernels, kernels.ROWS, B * N, N, table, affines, points=points, out=out, grad=grad,
-                   block=FIT_BLOCK, warps=FIT_WARPS)
+        geo.points(kernels, kernels.ROWS, B * N, N, table, affines, points=points, out=out, grad=grad)
         jac = theta.new_empty(rows, geo.dim)
         ga = theta.new_empty(rows, 6 * geo.n_cells, dtype=torch.float64)
         geo.cells(kernels, rows, 2 * N, theta, basis, basis_t, affines, table, grad=grad, ga=ga, out=jac,
@@ -291,11 +349,10 @@ def _adam_program(model, workspace, iterations, loss):
               sumsq=w["sumsq"], hyper=w["hyper"], update=kernels.UPDATE_ADAM_INIT, forward=True)
     for i in range(iterations):
         geo.points(kernels, kernels.FIT, B * N, N, w["table"], w["affines"], points=w["x"], aux=w["y"],
-                   grad=w["grad"], sumsq=w["sumsq"], loss=loss_code, sumsq_slot=i % 2,
-                   block=FIT_BLOCK, warps=FIT_WARPS)
+                   grad=w["grad"], sumsq=w["sumsq"], loss=loss_code, sumsq_slot=i % 2)
         geo.cells(kernels, B, 1, w["theta"], basis, basis_t, w["affines"], w["table"], grad=w["grad"], ga=w["ga"],
                   m=w["m"], v=w["v"], sumsq=w["sumsq"], hyper=w["hyper"], steps=w["steps"], backward=True,
-                  update=kernels.UPDATE_ADAM, forward=i + 1 < iterations, loss=loss_code, step=i,
+                  update=kernels.UPDATE_ADAM, forward=True, loss=loss_code, step=i,
                   sumsq_slot=i % 2)
 
 
@@ -354,7 +411,7 @@ def _gn_evaluate(geo, kernels, w, basis, basis_t, delta):
         geo.cells(kernels, B, 1, w["theta"], basis, basis_t, w["affines"], w["table"], out=w["candidate"],
                   delta=delta, update=kernels.UPDATE_CANDIDATE)
     geo.points(kernels, kernels.ROWS, B * N, N, w["table"], w["affines"], points=w["x"], out=w["out"],
-               aux=w["y"], grad=w["grad"], aug=w["aug"], block=FIT_BLOCK, warps=FIT_WARPS)
+               aux=w["y"], grad=w["grad"], aug=w["aug"])
     geo.cells(kernels, B * 2 * N, 2 * N, w["theta"], basis, basis_t, w["affines"], w["table"], grad=w["grad"],
               ga=w["ga"], out=w["aug"], backward=True, update=kernels.UPDATE_WRITE, forward=False,
               out_stride=geo.dim + 1)
@@ -372,7 +429,7 @@ def _gn_program(model, workspace, iterations):
         _launch("lm", kernels._lm_kernel, (B,), w["normal"], w["state"], w["theta"],
                 w["zeros"] if mode == kernels.LM_START else w["candidate"], w["objective"], w["mu"], w["scale"],
                 w["system"], w["rhs"], w["hyper"], B, geo.dim, slot, MODE=mode, BLOCK_D=geo.block_d,
-                num_warps=4)
+                num_warps=LM_WARPS, enable_fp_fusion=False)
 
     def solve():
         solution, _ = torch.linalg.solve_ex(w["system"], w["rhs"], check_errors=False)

@@ -5,8 +5,8 @@ never does. On CPU tensors the kernels need the interpreter: TRITON_INTERPRET=1 
 module is first imported (`triton.jit` reads it then; see cpab/README.md).
 
 Conventions are those of `cpab.integrate` (domain [-1, 1]^2, points (x, y), cell numbering, the stepping
-rule, per-cell affines (B, nC, 6) row-major [a11, a12, b1, a21, a22, b2]), with T = steps * 2**REFINE ticks
-and the flow table (B, nC, REFINE + 1, 6). Two kernels:
+rule, per-cell affines (B, nC, 6) row-major [a11, a12, b1, a21, a22, b2]), with T = steps * 2**refine ticks
+and the flow table (B, nC, refine + 1, 6). Two kernels:
 
 `_points_kernel` (one program per BLOCK points; every point keeps its state in registers and loops over
 its steps with a per-lane mask; no host synchronisation, the loop ends when the block's last point is
@@ -20,12 +20,12 @@ done). It makes the reference's decisions with the reference's float operations 
             lambda_{k+1} [x_k; 1]^T into the gradient of the table entry used and the corrections' terms into
             the affines' gradient;
   FIT       one Adam iteration's point work: sweep 1 (x_K, J), residual r = x_K - y, lambda_K = r
-            (LOSS 0, the batch-wide norm: the 1/|r| scale is applied by the cells kernel, and |r|^2 is
-            added to a per-iteration scalar) or 2 r (LOSS 1, least squares), lambda_0 = J^T lambda_K, sweep 2;
+            (loss 0, the batch-wide norm: the 1/|r| scale is applied by the cells kernel, and |r|^2 is
+            added to a per-iteration scalar) or 2 r (loss 1, least squares), lambda_0 = J^T lambda_K, sweep 2;
   ROWS      the Jacobian rows of x_K w.r.t. the table: sweep 1, then sweep 2 with two cotangents at once
             (e_0 and e_1), each into its own gradient row (2 per point), for Gauss-Newton and
             `transform_jacobian`; optionally r = x_K - y into the last column of the augmented rows.
-Gradients go to `grad` (rows, nC, REFINE + 2, 6): levels 0..REFINE are the table's, slot REFINE + 1 the
+Gradients go to `grad` (rows, nC, refine + 2, 6): levels 0..refine are the table's, slot refine + 1 the
 affines'. A lane sums a run of steps on one entry in registers and flushes it when the entry changes;
 the flushes of a block are pre-reduced (the lanes that flush the block's smallest entry are summed and
 added once) and all atomics are relaxed (plain reductions, no fences).
@@ -227,7 +227,7 @@ def _add6(ptr, key, mask, a0, a1, a2, a3, a4, a5, PRE: tl.constexpr):
 @triton.jit
 def _sweep(x0, x1, active, b_cells, grow, lam0, lam1, mu0, mu1, table_ptr, affines_ptr, grad_ptr,
            nx, half_nx, half_ny, max_i, max_j, total_ticks, max_crossings, eps, row_stride,
-           REFINE: tl.constexpr, JAC: tl.constexpr, ADJ: tl.constexpr, TWO: tl.constexpr, PRE: tl.constexpr,
+           refine, JAC: tl.constexpr, ADJ: tl.constexpr, TWO: tl.constexpr, PRE: tl.constexpr,
            BLOCK: tl.constexpr):
     """Integrates the lanes' points (x0, x1) through the table of their transform (rows b_cells // nC).
 
@@ -237,7 +237,7 @@ def _sweep(x0, x1, active, b_cells, grow, lam0, lam1, mu0, mu1, table_ptr, affin
     cell = _cell_index(x0, x1, nx, half_nx, half_ny, max_i, max_j)
     zero = x0 * 0.0
     tick = tl.zeros([BLOCK], dtype=tl.int32)
-    level = tick + REFINE
+    level = tick + refine
     bracket = tick - 1
     crossings = tick
     j00 = zero + 1.0
@@ -260,7 +260,7 @@ def _sweep(x0, x1, active, b_cells, grow, lam0, lam1, mu0, mu1, table_ptr, affin
     grow_base = grow * row_stride
     active = active & (tick < total_ticks)
     while tl.max(active.to(tl.int32), axis=0) > 0:
-        key = (b_cells + cell) * (REFINE + 1) + level
+        key = (b_cells + cell) * (refine + 1) + level
         e0 = tl.load(table_ptr + 6 * key, mask=active, other=1.0)
         e1 = tl.load(table_ptr + 6 * key + 1, mask=active, other=0.0)
         e2 = tl.load(table_ptr + 6 * key + 2, mask=active, other=0.0)
@@ -308,6 +308,9 @@ def _sweep(x0, x1, active, b_cells, grow, lam0, lam1, mu0, mu1, table_ptr, affin
         sn5 = zero
         old_base = 6 * (b_cells + cell)
         new_base = 6 * (b_cells + new_cell)
+        # gradient slots of the two cells' affines (the new cell is the uncorrected end's, as in the correction)
+        old_g = grow_base + (cell * (refine + 2) + refine + 1) * 6
+        new_g = grow_base + (new_cell * (refine + 2) + refine + 1) * 6
         if tl.max(crossed.to(tl.int32), axis=0) > 0:
             o0 = tl.load(affines_ptr + old_base, mask=crossed, other=0.0)
             o1 = tl.load(affines_ptr + old_base + 1, mask=crossed, other=0.0)
@@ -356,14 +359,12 @@ def _sweep(x0, x1, active, b_cells, grow, lam0, lam1, mu0, mu1, table_ptr, affin
             # cotangent of E [x; 1]: lambda_{k+1} itself, or through the correction
             gz0 = tl.where(crossed, w0 * rz0 + w1 * sz0, w0)
             gz1 = tl.where(crossed, w0 * rz1 + w1 * sz1, w1)
-            old_g = grow_base + (cell * (REFINE + 2) + REFINE + 1) * 6
-            new_g = grow_base + (new_cell * (REFINE + 2) + REFINE + 1) * 6
             _add6(grad_ptr, old_g, crossed, w0 * ro0 + w1 * so0, w0 * ro1 + w1 * so1, w0 * ro2 + w1 * so2,
                   w0 * ro3 + w1 * so3, w0 * ro4 + w1 * so4, w0 * ro5 + w1 * so5, PRE)
             _add6(grad_ptr, new_g, crossed, w0 * rn0 + w1 * sn0, w0 * rn1 + w1 * sn1, w0 * rn2 + w1 * sn2,
                   w0 * rn3 + w1 * sn3, w0 * rn4 + w1 * sn4, w0 * rn5 + w1 * sn5, PRE)
             # dL/dE_k = gz [x_k; 1]^T, summed in registers while the (cell, level) entry stays the same
-            gkey = grow_base + (cell * (REFINE + 2) + level) * 6
+            gkey = grow_base + (cell * (refine + 2) + level) * 6
             flush = accept & (gkey != run) & (run >= 0)
             _add6(grad_ptr, run, flush, acc0, acc1, acc2, acc3, acc4, acc5, PRE)
             keep = (flush == 0).to(x0.dtype)
@@ -402,11 +403,11 @@ def _sweep(x0, x1, active, b_cells, grow, lam0, lam1, mu0, mu1, table_ptr, affin
         crossings = crossings + crossed.to(tl.int32)
         cell = tl.where(accept, new_cell, cell)
         bracket = tl.where(crossed | (tick >= bracket), -1, bracket)
-        # with no bracket open: the largest level l <= REFINE with 2**l <= remaining ticks (0 if none)
+        # with no bracket open: the largest level l <= refine with 2**l <= remaining ticks (0 if none):
+        # floor(log2(remaining)) is the exponent of its (exact) float32 value
         remaining = total_ticks - tick
-        fitting = tl.zeros([BLOCK], dtype=tl.int32)
-        for lv in tl.static_range(1, REFINE + 1):
-            fitting = tl.where(remaining >= (1 << lv), lv, fitting)
+        exponent = (tl.maximum(remaining, 1).to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127
+        fitting = tl.minimum(exponent, refine)
         level = tl.where(bracket >= 0, tl.maximum(level - 1, 0), fitting)
         active = active & (remaining > 0)
     if ADJ:
@@ -426,20 +427,20 @@ def _linspace(index, n, like):
     return tl.where(index < n // 2, low, high)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["sumsq_slot"])
 def _points_kernel(points_ptr, table_ptr, affines_ptr, out_ptr, jac_ptr, aux_ptr, grad_ptr, gpoints_ptr,
                    sumsq_ptr, aug_ptr,
                    n_points, points_per_batch, n_cells, nx, half_nx, half_ny, max_i, max_j,
                    total_ticks, max_crossings, eps, row_stride, width, height, aux_sb, aux_sn, aux_sk,
-                   aug_stride, sumsq_slot,
-                   REFINE: tl.constexpr, MODE: tl.constexpr, GRID: tl.constexpr, LOSS: tl.constexpr,
-                   GRAD_POINTS: tl.constexpr, HAS_Y: tl.constexpr, BLOCK: tl.constexpr):
-    """Points (B * N) of B transforms through the table (B, nC, REFINE + 1, 6) and affines (B, nC, 6).
+                   aug_stride, sumsq_slot, refine, loss,
+                   MODE: tl.constexpr, GRID: tl.constexpr, GRAD_POINTS: tl.constexpr, HAS_Y: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """Points (B * N) of B transforms through the table (B, nC, refine + 1, 6) and affines (B, nC, 6).
 
     points (B * N, 2), or with GRID the identity grid (height x width, row-major) of every transform.
     FORWARD: out (B * N, 2). JACOBIAN: out and jac (B * N, 4) = [J00, J01, J10, J11]. ADJOINT: aux is the
     cotangent of out with strides (aux_sb, aux_sn, aux_sk); adds into grad rows b; GRAD_POINTS writes
-    J^T g into gpoints. FIT: aux = targets y (contiguous); adds into grad rows b; LOSS 0 adds the block's
+    J^T g into gpoints. FIT: aux = targets y (contiguous); adds into grad rows b; loss 0 adds the block's
     sum of |r|^2 into sumsq[sumsq_slot] (float64). ROWS: out, and grad rows 2 p, 2 p + 1 for point p;
     HAS_Y writes r = out - y into aug[(2 p + k) * aug_stride + aug_stride - 1].
     """
@@ -461,14 +462,14 @@ def _points_kernel(points_ptr, table_ptr, affines_ptr, out_ptr, jac_ptr, aux_ptr
         y0, y1, j00, j01, j10, j11 = _sweep(
             x0, x1, valid, b_cells, b, zero, zero, zero, zero, table_ptr, affines_ptr, grad_ptr,
             nx, half_nx, half_ny, max_i, max_j, total_ticks, max_crossings, eps, row_stride,
-            REFINE, False, False, False, False, BLOCK)
+            refine, False, False, False, False, BLOCK)
         tl.store(out_ptr + 2 * offs, y0, mask=valid)
         tl.store(out_ptr + 2 * offs + 1, y1, mask=valid)
     if MODE == 1:
         y0, y1, j00, j01, j10, j11 = _sweep(
             x0, x1, valid, b_cells, b, zero, zero, zero, zero, table_ptr, affines_ptr, grad_ptr,
             nx, half_nx, half_ny, max_i, max_j, total_ticks, max_crossings, eps, row_stride,
-            REFINE, True, False, False, False, BLOCK)
+            refine, True, False, False, False, BLOCK)
         tl.store(out_ptr + 2 * offs, y0, mask=valid)
         tl.store(out_ptr + 2 * offs + 1, y1, mask=valid)
         tl.store(jac_ptr + 4 * offs, j00, mask=valid)
@@ -490,15 +491,15 @@ def _points_kernel(points_ptr, table_ptr, affines_ptr, out_ptr, jac_ptr, aux_ptr
             tl.store(gpoints_ptr + 2 * offs + 1, lam1, mask=valid)
         _sweep(x0, x1, valid, b_cells, b, lam0, lam1, zero, zero, table_ptr, affines_ptr, grad_ptr,
                nx, half_nx, half_ny, max_i, max_j, total_ticks, max_crossings, eps, row_stride,
-               REFINE, False, True, False, True, BLOCK)
+               refine, False, True, False, True, BLOCK)
     if MODE == 3:
         y0, y1, j00, j01, j10, j11 = _sweep(
             x0, x1, valid, b_cells, b, zero, zero, zero, zero, table_ptr, affines_ptr, grad_ptr,
             nx, half_nx, half_ny, max_i, max_j, total_ticks, max_crossings, eps, row_stride,
-            REFINE, True, False, False, False, BLOCK)
+            refine, True, False, False, False, BLOCK)
         r0 = tl.where(valid, y0 - tl.load(aux_ptr + 2 * offs, mask=valid, other=0.0), 0.0)
         r1 = tl.where(valid, y1 - tl.load(aux_ptr + 2 * offs + 1, mask=valid, other=0.0), 0.0)
-        if LOSS == 0:
+        if loss == 0:
             square = r0.to(tl.float64) * r0.to(tl.float64) + r1.to(tl.float64) * r1.to(tl.float64)
             tl.atomic_add(sumsq_ptr + sumsq_slot, tl.sum(square, axis=0), sem="relaxed")
         else:
@@ -508,12 +509,12 @@ def _points_kernel(points_ptr, table_ptr, affines_ptr, out_ptr, jac_ptr, aux_ptr
         lam1 = j01 * r0 + j11 * r1
         _sweep(x0, x1, valid, b_cells, b, lam0, lam1, zero, zero, table_ptr, affines_ptr, grad_ptr,
                nx, half_nx, half_ny, max_i, max_j, total_ticks, max_crossings, eps, row_stride,
-               REFINE, False, True, False, True, BLOCK)
+               refine, False, True, False, True, BLOCK)
     if MODE == 4:
         y0, y1, j00, j01, j10, j11 = _sweep(
             x0, x1, valid, b_cells, b, zero, zero, zero, zero, table_ptr, affines_ptr, grad_ptr,
             nx, half_nx, half_ny, max_i, max_j, total_ticks, max_crossings, eps, row_stride,
-            REFINE, True, False, False, False, BLOCK)
+            refine, True, False, False, False, BLOCK)
         tl.store(out_ptr + 2 * offs, y0, mask=valid)
         tl.store(out_ptr + 2 * offs + 1, y1, mask=valid)
         if HAS_Y:
@@ -524,7 +525,7 @@ def _points_kernel(points_ptr, table_ptr, affines_ptr, out_ptr, jac_ptr, aux_ptr
         # row 2 p: d x_K[0] / d table, lambda_0 = J^T e_0 = (J00, J01); row 2 p + 1: (J10, J11)
         _sweep(x0, x1, valid, b_cells, 2 * offs, j00, j01, j10, j11, table_ptr, affines_ptr, grad_ptr,
                nx, half_nx, half_ny, max_i, max_j, total_ticks, max_crossings, eps, row_stride,
-               REFINE, False, True, True, False, BLOCK)
+               refine, False, True, True, False, BLOCK)
 
 
 # ------------------------------------------------------------------------------------------ cells
@@ -718,21 +719,21 @@ def _f64(v0, v1, v2, v3, v4, v5):
             v5.to(tl.float64))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step", "sumsq_slot"])
 def _cells_kernel(theta_ptr, basis_ptr, basis_t_ptr, affines_ptr, table_ptr, grad_ptr, ga_ptr, out_ptr,
                   m_ptr, v_ptr, sumsq_ptr, hyper_ptr, steps_ptr, delta_ptr,
-                  d, n_cells, total_ticks, rows_per_b, row_stride, out_stride, step, sumsq_slot,
-                  REFINE: tl.constexpr, BACKWARD: tl.constexpr, UPDATE: tl.constexpr, FORWARD: tl.constexpr,
-                  LOSS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr):
+                  d, n_cells, total_ticks, rows_per_b, row_stride, out_stride, step, sumsq_slot, refine, loss,
+                  BACKWARD: tl.constexpr, UPDATE: tl.constexpr, FORWARD: tl.constexpr,
+                  BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr):
     """Per-cell work of gradient row r = program_id (transform b = r // rows_per_b).
 
-    BACKWARD: gradient row grad[r] (nC, REFINE + 2, 6) -> dA (float64 scratch ga[r], 6 nC: back through the
+    BACKWARD: gradient row grad[r] (nC, refine + 2, 6) -> dA (float64 scratch ga[r], 6 nC: back through the
     level squarings with the table's values, then through expm) -> d theta = basis^T dA (lanes over
     theta coordinates); the consumed gradient entries are zeroed.
     UPDATE: WRITE stores d theta into out[r * out_stride + k]; ADAM applies one torch.optim.Adam step to
     theta[b] with state m, v (hyper = [beta1, beta2, eps, theta_init, 1 - beta1, 1 - beta2], float64;
     steps[step] = [lr / (1 - beta1**t), sqrt(1 - beta2**t)]), the gradient scaled by 1 / sqrt(sumsq) for
-    LOSS 0 (the batch-wide norm); program 0 zeroes the other sumsq slot for the next iteration.
+    loss 0 (the batch-wide norm); program 0 zeroes the other sumsq slot for the next iteration.
     ADAM_INIT sets theta = theta_init, m = v = 0 and zeroes sumsq. CANDIDATE writes
     out = theta + delta where finite, else theta.
     FORWARD: affines[b] = basis theta' (theta' the updated theta, or out for CANDIDATE), rounded to the
@@ -750,12 +751,13 @@ def _cells_kernel(theta_ptr, basis_ptr, basis_t_ptr, affines_ptr, table_ptr, gra
     ticks = total_ticks.to(tl.float64)  # level 0 is expm(A / ticks)
     if BACKWARD:
         a0, a1, a2, a3, a4, a5 = _f64(*_load6(affines_ptr, (b * n_cells + cells) * 6, cmask))
-        base = r * row_stride + cells * ((REFINE + 2) * 6)
+        base = r * row_stride + cells * ((refine + 2) * 6)
         zero = tl.zeros([BLOCK_C], dtype=grad_ptr.dtype.element_ty)
-        g0, g1, g2, g3, g4, g5 = _f64(*_load6(grad_ptr, base + REFINE * 6, cmask))
-        _store6(grad_ptr, base + REFINE * 6, cmask, zero, zero, zero, zero, zero, zero)
-        entry = (b * n_cells + cells) * ((REFINE + 1) * 6)
-        for lv in tl.static_range(REFINE - 1, -1, -1):
+        g0, g1, g2, g3, g4, g5 = _f64(*_load6(grad_ptr, base + refine * 6, cmask))
+        _store6(grad_ptr, base + refine * 6, cmask, zero, zero, zero, zero, zero, zero)
+        entry = (b * n_cells + cells) * ((refine + 1) * 6)
+        for i in range(0, refine):
+            lv = refine - 1 - i
             # table[lv + 1] = table[lv]^2, with the table's values
             s0, s1, s2, s3, s4, s5 = _f64(*_load6(table_ptr, entry + lv * 6, cmask))
             g0, g1, g2, g3, g4, g5 = _square_adjoint(s0, s1, s2, s3, s4, s5, g0, g1, g2, g3, g4, g5)
@@ -771,26 +773,27 @@ def _cells_kernel(theta_ptr, basis_ptr, basis_t_ptr, affines_ptr, table_ptr, gra
         # the affines' own gradient (crossing corrections)
         q0, q1, q2, q3, q4, q5 = _expm_adjoint(a0 / ticks, a1 / ticks, a2 / ticks, a3 / ticks, a4 / ticks,
                                                a5 / ticks, g0, g1, g2, g3, g4, g5)
-        h0, h1, h2, h3, h4, h5 = _f64(*_load6(grad_ptr, base + (REFINE + 1) * 6, cmask))
-        _store6(grad_ptr, base + (REFINE + 1) * 6, cmask, zero, zero, zero, zero, zero, zero)
+        h0, h1, h2, h3, h4, h5 = _f64(*_load6(grad_ptr, base + (refine + 1) * 6, cmask))
+        _store6(grad_ptr, base + (refine + 1) * 6, cmask, zero, zero, zero, zero, zero, zero)
         _store6(ga_ptr, r * (6 * n_cells) + cells * 6, cmask,
                 (q0 / ticks).to(dtype).to(tl.float64) + h0, (q1 / ticks).to(dtype).to(tl.float64) + h1,
                 (q2 / ticks).to(dtype).to(tl.float64) + h2, (q3 / ticks).to(dtype).to(tl.float64) + h3,
                 (q4 / ticks).to(dtype).to(tl.float64) + h4, (q5 / ticks).to(dtype).to(tl.float64) + h5)
         tl.debug_barrier()
-        # d theta = basis^T dA: tiles of CHUNK basis rows, reduced within threads
-        gsum = tl.zeros([_CHUNK, BLOCK_D], dtype=tl.float64)
+        # d theta = basis^T dA: tiles of CHUNK basis rows, each reduced over its rows
+        gsum = tl.zeros([BLOCK_D], dtype=tl.float64)
         rows = tl.arange(0, _CHUNK)
         for j0 in range(0, 6 * n_cells, _CHUNK):
             jj = j0 + rows
             jok = jj < 6 * n_cells
             tile = tl.load(basis_ptr + jj[:, None] * d + ks[None, :], mask=jok[:, None] & kmask[None, :], other=0.0)
-            gsum += tile.to(tl.float64) * tl.load(ga_ptr + r * (6 * n_cells) + jj, mask=jok, other=0.0)[:, None]
-        gtheta = tl.sum(gsum, axis=0).to(dtype)
+            dA = tl.load(ga_ptr + r * (6 * n_cells) + jj, mask=jok, other=0.0)
+            gsum += tl.sum(tile.to(tl.float64) * dA[:, None], axis=0)
+        gtheta = gsum.to(dtype)
         if UPDATE == 1:
             tl.store(out_ptr + r * out_stride + ks, gtheta, mask=kmask)
         if UPDATE == 2:
-            if LOSS == 0:
+            if loss == 0:
                 sumsq = tl.load(sumsq_ptr + sumsq_slot)
                 scale = tl.where(sumsq > 0.0, 1.0 / tl.sqrt(tl.maximum(sumsq, 1e-300)), 0.0)
                 gtheta = (gtheta.to(tl.float64) * scale).to(dtype)
@@ -814,7 +817,7 @@ def _cells_kernel(theta_ptr, basis_ptr, basis_t_ptr, affines_ptr, table_ptr, gra
             tl.store(m_ptr + at, m, mask=kmask)
             tl.store(v_ptr + at, v, mask=kmask)
             tl.store(theta_ptr + at, theta, mask=kmask)
-            if LOSS == 0:
+            if loss == 0:
                 if r == 0:
                     tl.store(sumsq_ptr + 1 - sumsq_slot, 0.0)
     if UPDATE == 4:
@@ -836,28 +839,30 @@ def _cells_kernel(theta_ptr, basis_ptr, basis_t_ptr, affines_ptr, table_ptr, gra
         src = out_ptr
     if FORWARD:
         tl.debug_barrier()
-        # A = basis theta': tiles of CHUNK basis^T rows (theta coordinates), reduced within threads
-        asum = tl.zeros([_CHUNK, BLOCK_J], dtype=tl.float64)
+        # A = basis theta': tiles of CHUNK basis^T rows (theta coordinates), each reduced over its rows
+        asum = tl.zeros([BLOCK_J], dtype=tl.float64)
         rows = tl.arange(0, _CHUNK)
         for k0 in range(0, d, _CHUNK):
             kk = k0 + rows
             kok = kk < d
             tile = tl.load(basis_t_ptr + kk[:, None] * (6 * n_cells) + js[None, :], mask=kok[:, None] & jmask[None, :],
                            other=0.0)
-            asum += tile.to(tl.float64) * tl.load(src + b * d + kk, mask=kok, other=0.0).to(tl.float64)[:, None]
-        tl.store(affines_ptr + b * (6 * n_cells) + js, tl.sum(asum, axis=0).to(dtype), mask=jmask)
+            t = tl.load(src + b * d + kk, mask=kok, other=0.0).to(tl.float64)
+            asum += tl.sum(tile.to(tl.float64) * t[:, None], axis=0)
+        tl.store(affines_ptr + b * (6 * n_cells) + js, asum.to(dtype), mask=jmask)
         tl.debug_barrier()
         a0, a1, a2, a3, a4, a5 = _f64(*_load6(affines_ptr, (b * n_cells + cells) * 6, cmask))
         p0, p1, p2, p3, p4, p5 = _expm(a0 / ticks, a1 / ticks, a2 / ticks, a3 / ticks, a4 / ticks, a5 / ticks)
-        entry = (b * n_cells + cells) * ((REFINE + 1) * 6)
-        for lv in tl.static_range(REFINE + 1):
+        entry = (b * n_cells + cells) * ((refine + 1) * 6)
+        _store6(table_ptr, entry, cmask, p0.to(dtype), p1.to(dtype), p2.to(dtype), p3.to(dtype), p4.to(dtype),
+                p5.to(dtype))
+        for lv in range(1, refine + 1):
+            p0, p1, p2, p3, p4, p5 = _compose(p0, p1, p2, p3, p4, p5, p0, p1, p2, p3, p4, p5)
             _store6(table_ptr, entry + lv * 6, cmask, p0.to(dtype), p1.to(dtype), p2.to(dtype), p3.to(dtype),
                     p4.to(dtype), p5.to(dtype))
-            if lv < REFINE:
-                p0, p1, p2, p3, p4, p5 = _compose(p0, p1, p2, p3, p4, p5, p0, p1, p2, p3, p4, p5)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["slot"])
 def _lm_kernel(normal_ptr, state_ptr, theta_ptr, candidate_ptr, objective_ptr, mu_ptr, scale_ptr,
                system_ptr, rhs_ptr, hyper_ptr, n_batch, d, slot,
                MODE: tl.constexpr, BLOCK_D: tl.constexpr):
