@@ -44,10 +44,15 @@ kernel finds them zero.
 `_lm_kernel` (one program per transform): the Levenberg-Marquardt bookkeeping of `cpab.fit.fit_gauss_newton`
 (accept or refuse the candidate, mu, the next damped normal equations) from [J | r]^T [J | r].
 """
+import os
+
 import triton
 import triton.language as tl
 
-INTERPRETED = bool(triton.knobs.runtime.interpret)  # read by triton.jit below: fixed for this process
+try:  # read by triton.jit below: fixed for this process
+    INTERPRETED = bool(triton.knobs.runtime.interpret)
+except AttributeError:  # triton before knobs: the same environment variable
+    INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off")
 FORWARD, JACOBIAN, ADJOINT, FIT, ROWS = 0, 1, 2, 3, 4
 UPDATE_NONE, UPDATE_WRITE, UPDATE_ADAM, UPDATE_CANDIDATE, UPDATE_ADAM_INIT = 0, 1, 2, 3, 4
 LM_START, LM_ACCEPT, LM_STEP = 0, 1, 2
@@ -576,15 +581,16 @@ def _expm(x0, x1, x2, x3, x4, x5):
         p3 = q3
         p4 = 1.0 + q4
         p5 = q5
-    for i in range(0, tl.max(s, axis=0)):
+    while tl.max(s, axis=0) > 0:  # a count-down (a for loop to the block's max spills its bound at sm_80)
         r0, r1, r2, r3, r4, r5 = _compose(p0, p1, p2, p3, p4, p5, p0, p1, p2, p3, p4, p5)
-        more = i < s
+        more = s > 0
         p0 = tl.where(more, r0, p0)
         p1 = tl.where(more, r1, p1)
         p2 = tl.where(more, r2, p2)
         p3 = tl.where(more, r3, p3)
         p4 = tl.where(more, r4, p4)
         p5 = tl.where(more, r5, p5)
+        s = s - 1
     return p0, p1, p2, p3, p4, p5
 
 
@@ -646,9 +652,9 @@ def _expm_adjoint(x0, x1, x2, x3, x4, x5, g0, g1, g2, g3, g4, g5):
         q11 = r11
         q20 = r20
         q21 = r21
-    for i in range(0, tl.max(s, axis=0)):
+    while tl.max(s, axis=0) > 0:
         # (P, Q) = (P P, P Q + Q P) on columns 0, 1 (P[2, :2] = 0, P[2, 2] = 1)
-        more = i < s
+        more = s > 0
         r00 = p0 * q00 + p1 * q10 + p2 * q20 + (q00 * p0 + q01 * p3)
         r01 = p0 * q01 + p1 * q11 + p2 * q21 + (q00 * p1 + q01 * p4)
         r10 = p3 * q00 + p4 * q10 + p5 * q20 + (q10 * p0 + q11 * p3)
@@ -668,6 +674,7 @@ def _expm_adjoint(x0, x1, x2, x3, x4, x5, g0, g1, g2, g3, g4, g5):
         p3 = tl.where(more, c3, p3)
         p4 = tl.where(more, c4, p4)
         p5 = tl.where(more, c5, p5)
+        s = s - 1
     # dX[i, j] = Q[j, i]
     return q00, q10, q20, q01, q11, q21
 
