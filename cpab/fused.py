@@ -103,6 +103,13 @@ def _bases(model, dtype: torch.dtype, device: torch.device):
     return hit[1], hit[2]
 
 
+def _settings_key(model, like: torch.Tensor) -> tuple:
+    """What a captured fit depends on besides its arguments: the integrator settings and the basis tensors
+    (a new basis, e.g. after `model.to(...)`, is a new key; the workspace keeps the old one alive)."""
+    basis, basis_t = _bases(model, like.dtype, like.device)
+    return model.steps, model.refine, model.max_crossings, basis.data_ptr(), basis_t.data_ptr()
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -337,6 +344,7 @@ def _adam_workspace(model, x, iterations, lr, theta_init):
         "affines": x.new_empty(B, geo.n_cells, 6), "table": x.new_empty(B, geo.n_cells, geo.refine + 1, 6),
         "grad": x.new_zeros(B, geo.row), "ga": x.new_empty(B, 6 * geo.n_cells, dtype=torch.float64),
         "sumsq": x.new_empty(2, dtype=torch.float64), "hyper": constants_dev[:6], "steps": constants_dev[6:],
+        "bases": _bases(model, x.dtype, x.device),
     }
 
 
@@ -346,7 +354,7 @@ def _adam_program(model, workspace, iterations, loss):
     kernels = _kernels(workspace["x"].device)
     w = workspace
     B, N = w["x"].shape[:2]
-    basis, basis_t = _bases(model, w["x"].dtype, w["x"].device)
+    basis, basis_t = w["bases"]
     loss_code = LOSSES.index(loss)
     geo.cells(kernels, B, 1, w["theta"], basis, basis_t, w["affines"], w["table"], m=w["m"], v=w["v"],
               sumsq=w["sumsq"], hyper=w["hyper"], update=kernels.UPDATE_ADAM_INIT, forward=True)
@@ -377,7 +385,8 @@ def fit_adam(model, x: torch.Tensor, y: torch.Tensor, iterations: int, lr: float
             _adam_program(model, workspace, iterations, loss)
 
         if x.is_cuda:
-            key = ("adam", tuple(x.shape), x.dtype, x.device, iterations, float(lr), float(theta_init), loss)
+            key = ("adam", tuple(x.shape), x.dtype, x.device, iterations, float(lr), float(theta_init), loss,
+                   *_settings_key(model, x))
             workspace = graph_cache(model).run(key, x.device, make, program, {"x": x, "y": y})
             return workspace["theta"].clone()
         workspace = make()
@@ -402,6 +411,7 @@ def _gn_workspace(model, x, damping):
         "out": x.new_empty(B, N, 2), "aug": x.new_empty(B, 2 * N, d + 1), "normal": x.new_empty(B, d + 1, d + 1),
         "state": x.new_empty(B, d + 1, d + 1), "objective": x.new_empty(B), "mu": x.new_empty(B),
         "scale": x.new_empty(2, B), "system": x.new_empty(B, d, d), "rhs": x.new_empty(B, d, 1), "hyper": hyper,
+        "bases": _bases(model, x.dtype, x.device),
     }
 
 
@@ -426,7 +436,7 @@ def _gn_program(model, workspace, iterations):
     w = workspace
     kernels = _kernels(w["x"].device)
     B = w["x"].shape[0]
-    basis, basis_t = _bases(model, w["x"].dtype, w["x"].device)
+    basis, basis_t = w["bases"]
 
     def lm(mode, slot):
         _launch("lm", kernels._lm_kernel, (B,), w["normal"], w["state"], w["theta"],
@@ -464,7 +474,8 @@ def fit_gauss_newton(model, x: torch.Tensor, y: torch.Tensor, iterations: int, d
             _gn_program(model, workspace, iterations)
 
         if x.is_cuda:
-            key = ("gauss_newton", tuple(x.shape), x.dtype, x.device, iterations, float(damping))
+            key = ("gauss_newton", tuple(x.shape), x.dtype, x.device, iterations, float(damping),
+                   *_settings_key(model, x))
             workspace = graph_cache(model).run(key, x.device, make, program, {"x": x, "y": y})
             return workspace["theta"].clone()
         workspace = make()
