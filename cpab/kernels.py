@@ -28,7 +28,8 @@ done). It makes the reference's decisions with the reference's float operations 
 Gradients go to `grad` (rows, nC, refine + 2, 6): levels 0..refine are the table's, slot refine + 1 the
 affines'. A lane sums a run of steps on one entry in registers and flushes it when the entry changes;
 the flushes of a block are pre-reduced (the lanes that flush the block's smallest entry are summed and
-added once) and all atomics are relaxed (plain reductions, no fences).
+added once: dense grids, where neighbouring points take the same steps; the keypoint fits' few points
+per transform rarely share an entry and skip it) and all atomics are relaxed (plain reductions, no fences).
 
 `_cells_kernel` (one program per gradient row; lanes over cells, tiles over the basis for its products):
 the flow table in float64, level 0 = expm(A / T) by scaling and squaring per cell (2**-s with s the
@@ -514,7 +515,7 @@ def _points_kernel(points_ptr, table_ptr, affines_ptr, out_ptr, jac_ptr, aux_ptr
         lam1 = j01 * r0 + j11 * r1
         _sweep(x0, x1, valid, b_cells, b, lam0, lam1, zero, zero, table_ptr, affines_ptr, grad_ptr,
                nx, half_nx, half_ny, max_i, max_j, total_ticks, max_crossings, eps, row_stride,
-               refine, False, True, False, True, BLOCK)
+               refine, False, True, False, False, BLOCK)
     if MODE == 4:
         y0, y1, j00, j01, j10, j11 = _sweep(
             x0, x1, valid, b_cells, b, zero, zero, zero, zero, table_ptr, affines_ptr, grad_ptr,
