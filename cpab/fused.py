@@ -1,7 +1,7 @@
 """The Triton backend of `cpab.CPAB`: transforms, grids, Jacobians and whole fits in a few kernel launches.
 
 One code path for CUDA and CPU: the kernels of `cpab.kernels` are compiled on CUDA tensors and run by
-Triton's interpreter on CPU tensors (TRITON_INTERPRET=1 set before triton is imported, see
+Triton's interpreter on CPU tensors (TRITON_INTERPRET=1 set before cpab's kernels are first used, see
 cpab/README.md), so what the CPU tests check and count is what runs on the GPU. Nothing here
 synchronises with the host. Launches (and graph captures) run on the tensors' device.
 
@@ -9,9 +9,9 @@ Launches per call (aten operators that run a kernel + Triton launches, `python -
 - `transform` / `grid` forward: 2 (cells: affines and flow table; points); backward: 3 (zero the
   gradient rows; points adjoint; cells adjoint -> d theta);
 - `transform_jacobian`: 4 (cells; zero rows; points, 2 N rows per transform; cells adjoint per row);
-- `fit_adam`: 1 to start, then 2 per iteration (points: residuals, |r|^2, table gradient; cells: adjoint,
+- `fit_adam`: 3 to start (constants in, gradient rows zeroed, the first table), then 2 per iteration (points: residuals, |r|^2, table gradient; cells: adjoint,
   Adam update, next flow table); on CUDA the whole fit replays from one CUDA graph;
-- `fit_gauss_newton`: 6 per iteration (linear solve; cells: candidate and its table; points rows;
+- `fit_gauss_newton`: 14 to start (closed form and its evaluation), then 6 per iteration (linear solve; cells: candidate and its table; points rows;
   cells rows -> [J | r]; one bmm -> [J | r]^T [J | r]; the Levenberg-Marquardt kernel).
 """
 from __future__ import annotations
