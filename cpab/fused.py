@@ -9,10 +9,12 @@ Launches per call (aten operators that run a kernel + Triton launches, `python -
 - `transform` / `grid` forward: 2 (cells: affines and flow table; points); backward: 3 (zero the
   gradient rows; points adjoint; cells adjoint -> d theta);
 - `transform_jacobian`: 4 (cells; zero rows; points, 2 N rows per transform; cells adjoint per row);
-- `fit_adam`: 3 to start (constants in, gradient rows zeroed, the first table), then 2 per iteration (points: residuals, |r|^2, table gradient; cells: adjoint,
-  Adam update, next flow table); on CUDA the whole fit replays from one CUDA graph;
-- `fit_gauss_newton`: 14 to start (closed form and its evaluation), then 6 per iteration (linear solve; cells: candidate and its table; points rows;
-  cells rows -> [J | r]; one bmm -> [J | r]^T [J | r]; the Levenberg-Marquardt kernel).
+- `fit_adam`: 3 to start (constants in, gradient rows zeroed, the first table), then 2 per iteration
+  (points: residuals, |r|^2, table gradient; cells: adjoint, Adam update, next flow table); on CUDA the
+  whole fit replays from one CUDA graph;
+- `fit_gauss_newton`: 14 to start (the closed form and its evaluation), then 6 per iteration (linear
+  solve; cells: candidate and its table; points rows; cells rows -> [J | r]; one bmm -> [J | r]^T [J | r];
+  the Levenberg-Marquardt kernel).
 """
 from __future__ import annotations
 
