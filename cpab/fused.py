@@ -270,6 +270,11 @@ class _Warp(torch.autograd.Function):
         B, n = grad_out.shape[0], jac.shape[0] // max(grad_out.shape[0], 1)
         with _on_device(affines):
             g = grad_out.to(affines.dtype).reshape(B, n, 2)
+            if not ctx.needs_input_grad[0]:  # only the points' gradient: J^T g from the stored J, no sweep
+                j = jac.view(B, n, 4)
+                gpoints = torch.stack([j[..., 0] * g[..., 0] + j[..., 2] * g[..., 1],
+                                       j[..., 1] * g[..., 0] + j[..., 3] * g[..., 1]], dim=-1)
+                return None, gpoints, None, None
             grad = affines.new_zeros(B, geo.row)
             gpoints = affines.new_empty(B, n, 2) if ctx.has_points and ctx.needs_input_grad[1] else None
             geo.points(kernels, kernels.ADJOINT, B * n, n, table, affines, points=points, jac=jac, aux=g,

@@ -257,3 +257,12 @@ def test_every_launch_is_a_listed_specialisation():
     kinds = {(name, dtype) for name, dtype, _, _ in specs}
     assert kinds == {(k, d) for k in ("_points_kernel", "_cells_kernel", "_lm_kernel") for d in ("fp32", "fp64")}
     assert len(specs) == 2 * (len(fused.POINT_VARIANTS) + len(fused.CELL_VARIANTS) + len(fused.LM_VARIANTS))
+
+
+@needs_interpreter
+def test_gradient_with_respect_to_the_points_only():
+    fast, slow = _pair((2, 2), torch.float64, steps=4, refine=1)
+    theta = torch.randn(1, fast.dim, dtype=torch.float64)
+    points = (1.8 * torch.rand(1, 5, 2, dtype=torch.float64) - 0.9).requires_grad_()
+    grads = [torch.autograd.grad(m.transform(points, theta).square().sum(), points)[0] for m in (fast, slow)]
+    _assert_close(grads[0], grads[1], 1e-12)
