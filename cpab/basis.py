@@ -37,8 +37,8 @@ Two bases of the same space (`null_space_basis(..., basis=...)`):
   (OpenBLAS's Haswell kernels, one thread; `python -m cpab.make_bases`) and checked against libcpab
   0.1.3 under that setup (tests/cpab/test_libcpab.py). Other sizes are computed on first use with
   numpy's SVD (gesdd, the routine behind libcpab's scipy.linalg.svd) on this machine's LAPACK, as
-  libcpab would (numpy's and scipy's OpenBLAS builds agree bit for bit on all 20 sizes of DESIGN.md's
-  table but the 8x8 zero-boundary one, measured on one machine).
+  libcpab would (numpy's and scipy's OpenBLAS builds agree bit for bit on all 20 sizes of the dimension
+  table (tests/cpab/test_basis.py) but the 8x8 zero-boundary one, measured on one machine).
 - "vertex": this project's earlier basis: the small null space of the constraints composed with the
   vertex-to-cell map (eigh), orthonormalised by QR; cheaper to build, theta rotated w.r.t. libcpab.
 
@@ -165,7 +165,6 @@ def _vertex_to_cell_map(nx, ny):
     P = np.zeros((6 * 4 * nx * ny, 2 * n_vertices))
     for c, tri in enumerate(verts):
         square = c // 4
-        i, j = square % nx, square // nx
         ids = [n_corners + square]
         for (x, y) in tri[1:]:
             ids.append(int(np.argmin(np.abs(ys - y))) * (nx + 1) + int(np.argmin(np.abs(xs - x))))

@@ -1,14 +1,20 @@
-"""Keypoint fits: theta (B, d) such that CPAB.transform(x, theta) ~= y, for keypoints x, y (B, N, 2).
+"""Reference keypoint fits (PyTorch): theta (B, d) such that the transform of x is close to y, x, y (B, N, 2).
 
-Both fits return a detached theta and work when called under `torch.no_grad()` or
+These are the fits of the reference backend and the references the Triton fits (`cpab.fused`) are
+tested against. Both return a detached theta and work when called under `torch.no_grad()` or
 `torch.inference_mode()`: inputs are cloned into normal tensors inside `torch.inference_mode(False)`,
 gradients are taken with `torch.enable_grad()` + `torch.autograd.grad` on tensors created here only.
 Coordinates: [-1, 1]^2, (x, y); theta has libcpab's [0, 1]-domain meaning (see `cpab.transform`).
 """
+from __future__ import annotations
+
+from collections.abc import Callable
+
 import torch
 
-from .integrate import flow_table, integrate_table
-from .kernels import resolve_backend, transform_jacobian
+from .integrate import cell_affines, flow_table, integrate, integrate_table
+
+LOSSES = ("batch_norm", "least_squares")
 
 
 def _clone_inputs(*tensors):
@@ -16,23 +22,38 @@ def _clone_inputs(*tensors):
     return tuple(t.detach().clone() for t in tensors)
 
 
-def official_loss(residual):
-    """The official fit loss for residuals (B, N, 2) in [-1, 1] units: a scalar for the whole batch."""
-    # Faithful to the official code: ONE unsquared Frobenius norm over all residuals of the whole batch,
-    # torch.norm(T(kp_d) - kp_s) after mapping T's output back to [-1, 1], so the transforms of a batch
-    # are coupled through it.
-    return torch.linalg.vector_norm(residual)
+def fit_loss(residual: torch.Tensor, loss: str = "batch_norm") -> torch.Tensor:
+    """The Adam fit's objective for residuals (B, N, 2) in [-1, 1] units, a scalar.
+
+    "batch_norm": ONE unsquared Frobenius norm over all residuals of the whole batch, which couples the
+    transforms of a batch (CPABMM's choice). "least_squares": the sum over transforms of their squared
+    residual norms (independent transforms).
+    """
+    if loss == "batch_norm":
+        # Faithful to the official code: torch.norm(T(kp_d) - kp_s) over the whole batch, after mapping T's
+        # output back to [-1, 1].
+        return torch.linalg.vector_norm(residual)
+    if loss == "least_squares":
+        return residual.square().sum()
+    raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
 
 
-def fit_adam(model, x, y, iterations, lr, theta_init):
+def _transform(model, x, theta):
+    """The reference integrator's transform of x (B, N, 2) by theta (B, d), differentiable."""
+    return integrate(x, cell_affines(theta, model.basis, model.n_cells), model.nx, model.ny, steps=model.steps,
+                     refine=model.refine, max_crossings=model.max_crossings)
+
+
+def fit_adam(model, x: torch.Tensor, y: torch.Tensor, iterations: int, lr: float, theta_init: float,
+             loss: str = "batch_norm") -> torch.Tensor:
     """The official CPABMM procedure (paper Eq. 6, `CPABTransformation`): Adam from a constant theta.
 
     theta starts at `theta_init` in every coordinate, then `iterations` steps of torch.optim.Adam
-    (learning rate `lr`, default betas) on one loss for the whole batch (see the comment below).
-    The official code integrates on libcpab's [0, 1]^2 domain (u = (x + 1) / 2) and maps the result
-    back to [-1, 1] before the loss; with the same theta our flow is that flow (see `cpab.transform`),
-    so the loss below is the official loss exactly (`official_loss`), up to the choice of orthonormal
-    basis and the integrator's (small) error.
+    (learning rate `lr`, default betas) on `fit_loss(transform(x) - y, loss)`. The official code
+    integrates on libcpab's [0, 1]^2 domain (u = (x + 1) / 2) and maps the result back to [-1, 1] before
+    the loss; with the same theta our flow is that flow (see `cpab.transform`), so with loss="batch_norm"
+    this is the official loss exactly, up to the choice of orthonormal basis and the integrator's (small)
+    error.
     """
     with torch.inference_mode(False), torch.enable_grad():
         x, y = _clone_inputs(x, y)
@@ -40,8 +61,8 @@ def fit_adam(model, x, y, iterations, lr, theta_init):
                            requires_grad=True)
         optimizer = torch.optim.Adam([theta], lr=lr)
         for _ in range(iterations):
-            loss = official_loss(model.transform_unchecked(x, theta) - y)
-            (theta.grad,) = torch.autograd.grad(loss, theta)
+            objective = fit_loss(_transform(model, x, theta) - y, loss)
+            (theta.grad,) = torch.autograd.grad(objective, theta)
             optimizer.step()
         return theta.detach()
 
@@ -55,45 +76,49 @@ def _solve(JtJ, rhs, shift):
     return solution.squeeze(-1)
 
 
-def _cell_basis(model, like):
-    """The per-cell parameter basis (nC, 6, d): affines[b] = (cell_basis @ theta[b]).view(nC, 2, 3)."""
-    return model.basis.to(dtype=like.dtype, device=like.device).view(model.n_cells, 6, model.dim)
-
-
-def transform_and_jacobian(model, x, theta, cell_basis=None):
-    """(out (B, N, 2), jac (B, N, 2, d)) = (transform(x, theta), its Jacobian in theta), no autograd
-    graph kept. Triton backend: the kernel's exact adjoint Jacobian with no host synchronisation;
-    reference: the sensitivity `integrate_table` propagates along the path (a few percent accurate)."""
-    if resolve_backend(model.backend, x.device) == "triton":
-        return transform_jacobian(model, x, theta)
-    if cell_basis is None:
-        cell_basis = _cell_basis(model, x)
+def path_jacobian(model, x: torch.Tensor, theta: torch.Tensor):
+    """(transform(x, theta), d transform / d theta) (B, N, 2), (B, N, 2, d) of the reference integrator: the
+    sensitivity `integrate_table` propagates along each path, accurate to a few percent, no autograd."""
+    cell_basis = model.basis.to(dtype=x.dtype, device=x.device).view(model.n_cells, 6, model.dim)
     with torch.no_grad():
-        affines = model.cell_affines_unchecked(theta)
+        affines = cell_affines(theta, model.basis, model.n_cells)
         table = flow_table(affines, model.steps, model.refine)
         return integrate_table(x, table, affines, model.nx, model.ny, model.steps, model.refine,
                                model.max_crossings, cell_basis=cell_basis)
 
 
-def fit_gauss_newton(model, x, y, iterations, damping):
+def exact_jacobian(model, x: torch.Tensor, theta: torch.Tensor):
+    """(transform(x, theta), d transform / d theta) of the reference integrator by autograd, exact for the
+    discrete integrator: every (transform, point, output coordinate) becomes its own one-point problem, so
+    one backward pass gives all 2 N rows. Slow; the reference for the Triton Jacobian."""
+    B, N = x.shape[:2]
+    with torch.inference_mode(False), torch.enable_grad():
+        single = x.detach().reshape(B * N, 1, 1, 2).expand(B * N, 2, 1, 2).reshape(2 * B * N, 1, 2)
+        thetas = theta.detach().repeat_interleave(2 * N, dim=0).requires_grad_(True)
+        out = _transform(model, single, thetas).reshape(B * N, 2, 2)
+        (grad,) = torch.autograd.grad(out.diagonal(dim1=1, dim2=2).sum(), thetas)
+    return out.detach()[:, 0].reshape(B, N, 2), grad.reshape(B, N, 2, theta.shape[1])
+
+
+def fit_gauss_newton(model, x: torch.Tensor, y: torch.Tensor, iterations: int, damping: float,
+                     jacobian: Callable = path_jacobian) -> torch.Tensor:
     """Per transform b: minimise |transform(x_b, theta) - y_b|^2 + damping |theta|^2 (Levenberg-Marquardt).
 
     Start: the linearised closed form. The velocity is linear in theta, v(x; theta) = G(x) theta, and
     transform(x) ~= x + v(x) for small motions, so theta_0 solves (G^T G + damping I) theta = G^T (y - x).
     Then `iterations` Gauss-Newton steps, (J^T J + (damping + mu) I) delta = -(J^T r + damping theta),
-    with J = d transform(x) / d theta from `integrate_table`'s sensitivity (no autograd), batched
-    solves over the B transforms, and a Levenberg-Marquardt safeguard per transform (a step that does
-    not lower the objective is refused and mu grows tenfold; accepted steps shrink mu).
+    with J = d transform(x) / d theta from `jacobian(model, x, theta)` (default: the path sensitivity),
+    batched solves over the B transforms, and a Levenberg-Marquardt safeguard per transform (a step that
+    does not lower the objective is refused and mu grows tenfold; accepted steps shrink mu).
     """
     with torch.inference_mode(False), torch.no_grad():
         x, y = _clone_inputs(x, y)
         B, N = x.shape[:2]
         d = model.dim
-        cell_basis = _cell_basis(model, x)
         lam = torch.full((B,), float(damping), dtype=x.dtype, device=x.device)
 
         def evaluate(theta):
-            out, jac = transform_and_jacobian(model, x, theta, cell_basis)
+            out, jac = jacobian(model, x, theta)
             residual = (out - y).reshape(B, 2 * N)
             return residual, jac.reshape(B, 2 * N, d), (residual ** 2).sum(1) + lam * (theta ** 2).sum(1)
 

@@ -45,8 +45,8 @@ included in that figure). After `max_crossings` crossings a point stops bisectin
 crossing corrected; only pathological paths get there).
 
 Gradients: autograd through the accepted steps (x_{k+1} = E_k [x_k; 1]), the crossing corrections
-(functions of x, A_c, A_c') and `flow_table` (scaling and squaring of a Taylor polynomial: plain products), with the discrete decisions
-(cells, levels) held fixed; this passes float64 gradcheck. Because the velocity
+(functions of x, A_c, A_c') and `flow_table` (scaling and squaring of a Taylor polynomial: plain
+products), with the discrete decisions (cells, levels) held fixed; this passes float64 gradcheck. Because the velocity
 field is continuous, the exact gradient of the true flow equals the continuous adjoint: with
 lambda(1) = dL/dx(1) and lambda' = -(dv/dx)^T lambda = -A_c^T lambda along the path,
 dL/dx(0) = lambda(0) and dL/dA_c = integral over the time spent in c of lambda(t) [x(t); 1]^T dt
@@ -57,10 +57,13 @@ dL/dA then follows from the Frechet derivative of expm (autograd through `flow_t
 few corrected crossing ticks add their own (local, closed-form) terms, or a kernel may drop them
 (O(tick) error in the gradient).
 """
+from __future__ import annotations
+
 import torch
+from torch import Tensor
 
 
-def cell_index(points, nx, ny):
+def cell_index(points: Tensor, nx: int, ny: int) -> Tensor:
     """Cell index (int64, shape points.shape[:-1]) of points (..., 2) in [-1, 1]^2 (x, y) coordinates."""
     u = (points[..., 0] + 1.0) * (0.5 * nx)
     w = (points[..., 1] + 1.0) * (0.5 * ny)
@@ -74,7 +77,16 @@ def cell_index(points, nx, ny):
     return 4 * (j.long() * nx + i.long()) + t
 
 
-def velocity(points, affines, nx, ny):
+def cell_affines(theta: Tensor, basis: Tensor, n_cells: int) -> Tensor:
+    """Per-cell affine matrices (B, nC, 2, 3) = reshape(basis @ theta) for theta (B, d), basis (6 nC, d),
+    computed in theta's dtype on its device."""
+    basis = basis.to(device=theta.device, dtype=theta.dtype)
+    if basis.is_inference() and not torch.is_inference_mode_enabled():
+        basis = basis.clone()  # a module built under inference_mode, used with autograd (a fit)
+    return (theta @ basis.T).view(theta.shape[0], n_cells, 2, 3)
+
+
+def velocity(points: Tensor, affines: Tensor, nx: int, ny: int) -> Tensor:
     """Velocity (B, N, 2) at points (B, N, 2) of the CPA field with per-cell affines (B, nC, 2, 3)."""
     cells = cell_index(points, nx, ny)
     A = torch.gather(affines.flatten(2), 1, cells.unsqueeze(-1).expand(-1, -1, 6))
@@ -88,17 +100,21 @@ def _compose(lin1, t1, lin2, t2):
     return lin1 @ lin2, (lin1 @ t2.unsqueeze(-1)).squeeze(-1) + t1
 
 
-def flow_table(affines, steps, refine):
+def flow_table(affines: Tensor, steps: int, refine: int) -> Tensor:
     """Exact in-cell flows E (B, nC, refine + 1, 2, 3): E[:, c, l] = expm(2**l / T * [[A_c], [0 0 0]])[:2].
 
     T = steps * 2**refine ticks make up time 1. Computed in float64 by scaling and squaring (degree-10
     Taylor polynomial of the scaled homogeneous matrix, whose norm is at most 1/16: truncation error
     below 1e-16) and cast back to affines.dtype. Differentiable (autograd through plain products).
+    The scaling is read on the host (a synchronisation on CUDA); non-finite affines raise ValueError.
     """
     hom = affines.to(torch.float64)
     tau = 1.0 / (steps * 2 ** refine)
     norm = hom.abs().sum(-1).amax() * tau  # >= the infinity norm of tau * [[A], [0 0 0]]
-    squarings = max(0, int(torch.ceil(torch.log2(norm.detach() * 16.0)).clamp(min=0)))
+    exponent = torch.ceil(torch.log2(norm.detach() * 16.0)).clamp(min=0)
+    if not bool(torch.isfinite(exponent)):  # the host reads the scaling anyway: say why it cannot
+        raise ValueError("theta (its cell affines) contains non-finite values (nan or inf)")
+    squarings = int(exponent)
     X = hom * (tau / 2 ** squarings)
     X_lin, X_t = X[..., :2], X[..., 2]
     eye = torch.eye(2, dtype=torch.float64, device=affines.device)
@@ -132,7 +148,7 @@ def _linear(A, v):
     return (A.view(-1, 2, 3)[:, :, :2] * v.unsqueeze(1)).sum(-1)
 
 
-def crossing_correction(x, x_end, A_old, A_new, duration):
+def crossing_correction(x: Tensor, x_end: Tensor, A_old: Tensor, A_new: Tensor, duration: Tensor) -> Tensor:
     """Second-order correction of a step that crossed from the old into the new cell.
 
     x (n, 2): start of the step (old cell); x_end: its end under the old cell's exact flow over
@@ -162,7 +178,8 @@ def _basis_field(cell_basis, cells, x):
                         b[:, 3] * x[:, :1] + b[:, 4] * x[:, 1:] + b[:, 5]], dim=1)
 
 
-def integrate_table(points, table, affines, nx, ny, steps, refine, max_crossings, cell_basis=None):
+def integrate_table(points: Tensor, table: Tensor, affines: Tensor, nx: int, ny: int, steps: int, refine: int,
+                    max_crossings: int, cell_basis: Tensor | None = None):
     """Flow at time 1 of points (B, N, 2) given the flow table (B, nC, refine + 1, 2, 3) of `flow_table`
     and the per-cell affines (B, nC, 2, 3) it was built from.
 
@@ -245,7 +262,8 @@ def integrate_table(points, table, affines, nx, ny, steps, refine, max_crossings
                 finished_jac.append(jac.index_select(0, finished))
                 jac, field_start = jac.index_select(0, keep), field_start.index_select(0, keep)
             x, index, cell_base, cell = (t.index_select(0, keep) for t in (x, index, cell_base, cell))
-            tick, level, bracket_end, crossings = (t.index_select(0, keep) for t in (tick, level, bracket_end, crossings))
+            tick, level, bracket_end, crossings = (t.index_select(0, keep)
+                                                   for t in (tick, level, bracket_end, crossings))
 
     order = torch.argsort(torch.cat(finished_index))
     out = torch.cat(finished_x)[order].reshape(B, N, 2)
@@ -254,7 +272,8 @@ def integrate_table(points, table, affines, nx, ny, steps, refine, max_crossings
     return out
 
 
-def integrate(points, affines, nx, ny, steps=8, refine=3, max_crossings=64):
+def integrate(points: Tensor, affines: Tensor, nx: int, ny: int, steps: int = 8, refine: int = 3,
+              max_crossings: int = 64) -> Tensor:
     """Flow at time 1 of points (B, N, 2) under the CPA field with per-cell affines (B, nC, 2, 3).
 
     `steps` base steps per unit time, crossings located to 1 / (steps * 2**refine) time; see the

@@ -102,10 +102,10 @@ class CPABMotion(nn.Module):
         if self.fit_method == "gauss_newton":
             iterations = self.gn_iter
         # cpab's fits run under no_grad / inference_mode too (they clone into normal tensors).
-        # check=False: no finiteness checks (host syncs on the GPU); non-finite keypoints surface as a
-        # non-finite loss, which training reports.
+        # No finiteness checks (cpab's default: they would be host syncs on the GPU); non-finite keypoints
+        # surface as a non-finite loss, which training reports.
         return transform.fit(x, y, method=self.fit_method, iterations=iterations, lr=self.fit_lr,
-                             theta_init=self.theta_init, damping=self.gn_damping, check=False)
+                             theta_init=self.theta_init, damping=self.gn_damping)
 
     def fit(self, kp_driving, kp_source):
         """Fit the CPAB warps to keypoints (B, 5K, 2): x = driving, y = source.
@@ -137,10 +137,10 @@ class CPABMotion(nn.Module):
         bs, n, _ = x.shape
         # d T(x) / d theta without autograd (the integrator's sensitivity on a CPU, the exact adjoint on CUDA);
         # unchecked like the fits (no host synchronisation): non-finite keypoints surface in the loss.
-        jac = transform.transform_jacobian(x.detach(), theta.detach(), check=False)[1].reshape(bs, 2 * n, -1)
+        jac = transform.transform_jacobian(x.detach(), theta.detach())[1].reshape(bs, 2 * n, -1)
         normal = jac.transpose(1, 2) @ jac + self.gn_damping * torch.eye(jac.shape[2], dtype=jac.dtype,
                                                                          device=jac.device)
-        residual = (transform.transform_unchecked(x, theta.detach()) - y).reshape(bs, 2 * n, 1)
+        residual = (transform.transform(x, theta.detach()) - y).reshape(bs, 2 * n, 1)
         step = torch.linalg.solve_ex(normal, jac.transpose(1, 2) @ residual)[0][..., 0]
         return theta - (step - step.detach())
 
@@ -152,9 +152,9 @@ class CPABMotion(nn.Module):
         bs = kp_driving.shape[0]
         h, w = size
         theta_partial, theta_global = self.fit(kp_driving, kp_source)
-        warps = [self.partial_cpab.grid(theta_partial, size=size, check=False).view(bs, self.num_groups, h, w, 2)]
+        warps = [self.partial_cpab.grid(theta_partial, size=size).view(bs, self.num_groups, h, w, 2)]
         if theta_global is not None:
-            warps.append(self.global_cpab_transform.grid(theta_global, size=size, check=False)[:, None])
+            warps.append(self.global_cpab_transform.grid(theta_global, size=size)[:, None])
         return torch.cat(warps, dim=1)
 
 

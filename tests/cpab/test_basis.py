@@ -8,12 +8,20 @@ import pytest
 import torch
 
 from cpab import CPAB
-from cpab.basis import (BASES, SHIPPED, cell_vertices, constraint_matrix, libcpab_constraint_matrix,
-                        libcpab_svd_basis, null_space_basis, shipped_basis_name)
+from cpab.basis import (
+    BASES,
+    SHIPPED,
+    cell_vertices,
+    constraint_matrix,
+    libcpab_constraint_matrix,
+    libcpab_svd_basis,
+    null_space_basis,
+    shipped_basis_name,
+)
 from cpab.integrate import cell_index, velocity
 from cpab.make_bases import BASES_DIR
 
-# DESIGN.md section 2: d for (valid-outside, + volume-preserving, zero-boundary, zero-boundary + VP).
+# libcpab's dimensions d for (valid-outside, + volume-preserving, zero-boundary, zero-boundary + VP).
 D_TABLE = {3: (34, 11, 34, 8), 4: (58, 15, 62, 15), 5: (90, 19, 98, 24), 6: (130, 27, 142, 35),
            8: (234, 47, 254, 63)}
 VARIANTS = ((False, False), (False, True), (True, False), (True, True))
@@ -135,9 +143,11 @@ def _edge_points(nx, ny, lo, hi, per_line=50):
     s = torch.linspace(lo, hi, per_line, dtype=torch.float64)
     pts, normals = [], []
     for xv in torch.linspace(-1, 1, nx + 1, dtype=torch.float64):
-        pts.append(torch.stack([torch.full_like(s, xv), s], 1)); normals.append(torch.tensor([1.0, 0.0]).expand(per_line, 2))
+        pts.append(torch.stack([torch.full_like(s, xv), s], 1))
+        normals.append(torch.tensor([1.0, 0.0]).expand(per_line, 2))
     for yv in torch.linspace(-1, 1, ny + 1, dtype=torch.float64):
-        pts.append(torch.stack([s, torch.full_like(s, yv)], 1)); normals.append(torch.tensor([0.0, 1.0]).expand(per_line, 2))
+        pts.append(torch.stack([s, torch.full_like(s, yv)], 1))
+        normals.append(torch.tensor([0.0, 1.0]).expand(per_line, 2))
     hx, hy = 2.0 / nx, 2.0 / ny
     for i in range(nx):
         for j in range(ny):

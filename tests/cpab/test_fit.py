@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from cpab import CPAB
-from cpab.fit import official_loss
+from cpab.fit import fit_loss
 
 
 def mean_residual(model, theta, x, y):
@@ -12,7 +12,8 @@ def mean_residual(model, theta, x, y):
 
 
 def cpabmm_problem(batch, generator_seed=0):
-    """CPABMM-shaped keypoints: 10 groups of 5 (partial, 4x4) and all 50 (global, 6x6); driving = source + N(0, 0.1^2)."""
+    """CPABMM-shaped keypoints: 10 groups of 5 (partial, 4x4) and all 50 (global, 6x6);
+    driving = source + N(0, 0.1^2)."""
     g = torch.Generator().manual_seed(generator_seed)
     x = torch.rand(batch, 50, 2, generator=g) * 1.6 - 0.8
     y = x + 0.1 * torch.randn(x.shape, generator=g)
@@ -33,11 +34,15 @@ def test_gauss_newton_beats_official_adam():
     assert gn_p < adam_p and gn_g < adam_g
 
 
-def test_official_loss_is_one_norm_over_the_whole_batch():
+def test_batch_norm_loss_is_one_norm_over_the_whole_batch():
     residual = torch.randn(3, 5, 2)
-    assert torch.allclose(official_loss(residual), torch.norm(residual))
+    assert torch.allclose(fit_loss(residual), torch.norm(residual))  # the default: CPABMM's
+    assert torch.allclose(fit_loss(residual, "batch_norm"), torch.norm(residual))
     per_item = torch.stack([torch.norm(r) for r in residual]).sum()
-    assert not torch.allclose(official_loss(residual), per_item)
+    assert not torch.allclose(fit_loss(residual), per_item)
+    assert torch.allclose(fit_loss(residual, "least_squares"), (residual ** 2).sum())
+    with pytest.raises(ValueError, match="loss"):
+        fit_loss(residual, "l1")
 
 
 def test_adam_couples_the_transforms_of_a_batch():
@@ -52,6 +57,20 @@ def test_adam_couples_the_transforms_of_a_batch():
     with_big = model.fit(x, y_big, method="adam", iterations=10)
     assert (together[0] - alone[0]).abs().max() > 1e-4
     assert (with_big[0] - together[0]).abs().max() > 1e-4
+
+
+def test_least_squares_loss_fits_the_transforms_independently():
+    model = CPAB((4, 4))
+    x, y = cpabmm_problem(2)
+    x, y = x[:, :5], y[:, :5]
+    y_big = y.clone()
+    y_big[1] = x[1] + 5 * (y[1] - x[1])
+    alone = model.fit(x[:1], y[:1], iterations=10, loss="least_squares")
+    together = model.fit(x, y_big, iterations=10, loss="least_squares")
+    assert torch.allclose(together[0], alone[0], atol=1e-6)
+    assert mean_residual(model, together, x, y_big) < float((x - y_big).norm(dim=-1).mean())
+    with pytest.raises(ValueError, match="loss"):
+        model.fit(x, y, loss="batch")
 
 
 def test_adam_starts_from_theta_init():
@@ -132,8 +151,10 @@ def test_fit_errors():
         model.fit(x, y.double())
     with pytest.raises(ValueError):
         model.fit(x, y, iterations=-1)
-    with pytest.raises(ValueError):
-        model.fit(x, torch.full_like(y, float("nan")))
+    with pytest.raises(ValueError, match="y contains non-finite"):
+        CPAB((4, 4), check_finite=True).fit(x, torch.full_like(y, float("nan")))
+    with pytest.raises(ValueError, match="theta"):  # unchecked: the reference integrator refuses a NaN theta
+        model.fit(x, torch.full_like(y, float("nan")), iterations=2)
 
 
 def test_gauss_newton_many_iterations_stay_finite_and_default_is_ten():

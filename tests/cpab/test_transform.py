@@ -52,8 +52,8 @@ def test_volume_preserving_jacobian_determinant_is_one():
     assert (dets - 1).abs().max() < 1e-3
     # The non-volume-preserving variant really changes areas (the check above can fail).
     plain = CPAB((4, 4)).double()
-    jac = torch.autograd.functional.jacobian(
-        lambda p: plain.transform(p, torch.randn(1, plain.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1))).sum(1), points)
+    theta = torch.randn(1, plain.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    jac = torch.autograd.functional.jacobian(lambda p: plain.transform(p, theta).sum(1), points)
     dets = torch.stack([torch.linalg.det(jac[0, :, 0, k, :]) for k in range(points.shape[1])])
     assert (dets - 1).abs().max() > 0.05
 
@@ -180,7 +180,7 @@ def test_empty_point_set():
     (None, "inf", ValueError), ("int", None, TypeError), ("list", None, TypeError), ("dtype", None, TypeError),
 ])
 def test_clear_errors(bad_points, bad_theta, error):
-    model = CPAB((4, 4))
+    model = CPAB((4, 4), check_finite=True)
     points, theta = torch.rand(2, 5, 2), torch.randn(2, model.dim)
     points = {"shape": torch.rand(5, 2), "last": torch.rand(2, 5, 3), "batch": torch.rand(3, 5, 2),
               "nan": torch.full((2, 5, 2), float("nan")), "int": torch.zeros(2, 5, 2, dtype=torch.long),
@@ -204,3 +204,20 @@ def test_constructor_and_grid_errors():
         model.grid(torch.randn(1, model.dim), size=(0, 4))
     with pytest.raises(ValueError):
         model.grid(torch.randn(1, model.dim + 2), size=(4, 4))
+
+
+def test_finiteness_checks_are_opt_in_and_the_reference_names_a_non_finite_theta():
+    model = CPAB((4, 4))
+    points, theta = torch.rand(2, 5, 2) * 2 - 1, torch.randn(2, model.dim)
+    nan_points = points.clone()
+    nan_points[0, 0, 0] = float("nan")
+    out = model.transform(nan_points, theta)  # unchecked by default: NaN in, NaN out, nothing raised
+    assert torch.isnan(out[0, 0]).any() and torch.isfinite(out[1]).all()
+    bad_theta = theta.clone()
+    bad_theta[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="theta .*non-finite"):  # was "cannot convert float NaN to integer"
+        model.transform(points, bad_theta)
+    with pytest.raises(ValueError, match="theta"):
+        model.grid(torch.full((1, model.dim), float("inf")), (4, 4))
+    with pytest.raises(ValueError, match="points contains non-finite"):
+        CPAB((4, 4), check_finite=True).transform(nan_points, theta)
