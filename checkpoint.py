@@ -22,9 +22,10 @@ dict to the networks' state dicts (the place for other checkpoint layouts). ``ru
 layout into fresh networks.
 """
 import datetime
+import errno
 import os
 import pickle
-import tempfile
+import re
 
 import torch
 import yaml
@@ -43,28 +44,101 @@ UPSTREAM_HINT = "TPSMM's published models need their config/tpsmm-*.yaml (motion
 INIT_RECORD = "init_from.json"
 
 
+# A checkpoint being written: ``<final name>.partial-<pid>`` (never matches ``*.pth.tar``).
+PARTIAL_MARK = ".partial-"
+_PARTIAL = re.compile(r"^(?P<name>.+)\.partial-(?P<pid>[0-9]+)$")
+# What earlier versions wrote instead (``tempfile.mkstemp(prefix=".tmp-", suffix=".pth.tar")``).
+_LEGACY_PARTIAL = re.compile(r"^\.tmp-[A-Za-z0-9_]{8}\.pth\.tar$")
+
+
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used (unreadable, wrong content, other config)."""
 
 
-def save_checkpoint(path, state):
-    """Write ``state`` to ``path`` atomically: a temporary file in the same folder, then ``os.replace``.
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, quota, I/O error); the previous file is intact.
 
-    A crash while writing leaves the previous file intact; readers never see a half-written file.
+    The message is one line naming the file.
+    """
+
+
+def _os_error_in(error):
+    """The OSError behind ``error`` (itself, or the one it was raised while handling), or None.
+
+    ``torch.save`` on a full disk raises a RuntimeError ("inline_container ... unexpected pos") while
+    handling the writer's ``OSError: [Errno 28] No space left on device``.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def partial_path(path, pid=None):
+    """Where ``path`` is written before it is renamed into place: ``<path>.partial-<pid>``."""
+    return f"{path}{PARTIAL_MARK}{os.getpid() if pid is None else pid}"
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_partial_files(folder):
+    """Delete the ``*.partial-<pid>`` files an interrupted write (kill -9, power loss) left in ``folder``,
+    except those of a process still running, and the ``.tmp-*.pth.tar`` ones of earlier versions;
+    returns [(path, size in bytes)] of the deleted ones."""
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        match = _PARTIAL.match(name)
+        if (match is None and not _LEGACY_PARTIAL.match(name)) or not os.path.isfile(path):
+            continue
+        if match is not None and int(match.group("pid")) != os.getpid() and _process_alive(int(match.group("pid"))):
+            continue
+        size = os.path.getsize(path)
+        os.remove(path)
+        removed.append((path, size))
+    return removed
+
+
+def save_checkpoint(path, state):
+    """Write ``state`` to ``path`` atomically: ``<path>.partial-<pid>`` in the same folder, then ``os.replace``.
+
+    A crash while writing leaves the previous file intact (readers never see a half-written file) and
+    at most the partial file, which :func:`remove_partial_files` deletes on the next start. The file gets
+    the usual mode (0666 less the umask, like any other output). A full disk or another OS error is a
+    ``CheckpointWriteError`` naming the file (the partial file is removed, the previous one kept).
     """
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".pth.tar", dir=folder)
+    tmp_path = partial_path(os.path.abspath(path))
     try:
-        with os.fdopen(handle, "wb") as stream:
+        os.makedirs(folder, exist_ok=True)
+        with open(tmp_path, "wb") as stream:
             torch.save(state, stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
-        raise
+        os_error = _os_error_in(error) if isinstance(error, (OSError, RuntimeError)) else None
+        if os_error is None:
+            raise
+        reason = "no space left on device" if os_error.errno == errno.ENOSPC else (
+            os_error.strerror or str(os_error)).lower()
+        kept = " (the previous checkpoint is kept)" if os.path.exists(path) else ""
+        failure = CheckpointWriteError(f"cannot write checkpoint {path}: {reason}{kept}")
+        failure.errno = os_error.errno
+        raise failure from None
 
 
 def save_epoch(run_dir, state, epochs_done, checkpoint_freq):

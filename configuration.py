@@ -484,6 +484,9 @@ def load_config(path, overrides=()):
     with open(path, encoding="utf-8") as handle:
         try:
             data = yaml.safe_load(handle)
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"{path}: not a YAML text file (byte {error.start} is not UTF-8: a binary "
+                              f"file?)") from None
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             line = f" at line {mark.line + 1}" if mark is not None else ""

@@ -6,8 +6,10 @@
 Conventions: frames are RGB; inside the networks they are float32 in [0, 1] shaped (B, 3, H, W) with
 (H, W) = ``--img_shape``; keypoints are (x, y) in [-1, 1] (the ``grid_sample``, ``align_corners=True``
 convention) shaped (B, 5K, 2). The driving video is streamed (never held in memory), resized, animated
-in batches under ``torch.inference_mode`` and written at the driving video's frame rate; the driving
-video's audio track, if any, is muxed into the result with the ffmpeg binary of imageio-ffmpeg.
+in batches under ``torch.inference_mode`` and written at the driving video's frame rate (.mp4, .mov,
+.mkv, .avi: H.264; .webm: VP9; .gif: an animated GIF); the driving video's audio track, if any, is
+muxed into an .mp4/.mov/.mkv result with the ffmpeg binary of imageio-ffmpeg. Per batch of frames the
+only host synchronisation is copying the result frames out (the model time is taken with CUDA events).
 
 Frames are animated by ``animation.Animator`` (the path training and reconstruction take too). Like
 TPSMM's and the official demo, no background motion is used: the dense motion network gets
@@ -19,7 +21,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 
 import imageio
@@ -33,12 +34,16 @@ import animation
 from checkpoint import checkpoint_layout, load_checkpoint, load_network_states
 from configuration import load_config
 from modules import MAIN_NETWORKS, build_networks
+from modules.sizes import check_frame_size
 
 MODES = animation.MODES
 # The networks every mode needs (no BG predictor: no background motion); ``avd_network`` is added for --mode avd.
 DEMO_NETWORKS = tuple(name for name in MAIN_NETWORKS if name != "bg_predictor")
+# Result formats: file suffix -> the ffmpeg video codec, or None for an animated GIF (written by Pillow).
+RESULT_FORMATS = {".mp4": "libx264", ".mov": "libx264", ".mkv": "libx264", ".avi": "libx264",
+                  ".webm": "libvpx-vp9", ".gif": None}
 # Containers into which the driving video's audio is muxed.
-AUDIO_CONTAINERS = (".mp4", ".m4v", ".mov", ".mkv")
+AUDIO_CONTAINERS = (".mp4", ".mov", ".mkv")
 # Frame files of a driving frame folder.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 _AUDIO_STREAM = re.compile(r"^\s*Stream #\d+:\d+.*: Audio: ", re.MULTILINE)
@@ -92,7 +97,8 @@ def build_parser():
                         help="video whose motion drives the source, or a folder of frames (FOMM layout)")
     parser.add_argument("--fps", default=25.0, type=_positive_float,
                         help="frame rate of the result when --driving_video is a frame folder (default: 25)")
-    parser.add_argument("--result_video", default="result.mp4", help="output video (default: result.mp4)")
+    parser.add_argument("--result_video", default="result.mp4",
+                        help=f"output video: {', '.join(RESULT_FORMATS)} (default: result.mp4)")
     parser.add_argument("--img_shape", default=None, type=parse_img_shape,
                         help="H,W the model was trained on (default: the config's dataset_params.frame_shape, "
                              "else 256,256)")
@@ -361,15 +367,75 @@ def find_best_frame(source, path, img_shape, batch_size, device):
     return best_index, best_frame
 
 
+class ResultWriter:
+    """Appends uint8 frames (H, W, 3) to the result file: ffmpeg for the video containers of
+    ``RESULT_FORMATS``, Pillow for a GIF (frame duration 1/fps, looping)."""
+
+    def __init__(self, path, suffix, fps):
+        codec = RESULT_FORMATS[suffix]
+        if codec is None:
+            self.writer = imageio.v2.get_writer(path, format="GIF", mode="I", duration=1000.0 / fps, loop=0)
+        else:
+            self.writer = imageio.v2.get_writer(path, format="FFMPEG", fps=fps, codec=codec, quality=8,
+                                                macro_block_size=2, ffmpeg_log_level="error")
+
+    def append(self, images):
+        for image in images:
+            self.writer.append_data(image)
+
+    def close(self):
+        self.writer.close()
+
+
+def render_batch(animator, driving, source, side_by_side):
+    """Animate one batch of driving frames (B, 3, H, W) and copy the result frames out: (B, H, W', 3)
+    uint8, ``source | driving | result`` side by side when asked. The one host synchronisation of a
+    batch is that copy (the tiling is done on the device)."""
+    prediction = animator(driving)
+    if side_by_side:
+        prediction = torch.cat([source.expand_as(prediction), driving, prediction], dim=3)
+    return to_uint8(prediction)
+
+
+class ModelTimer:
+    """Seconds spent in the networks, without waiting on the device per batch: CUDA events recorded
+    around each batch and read once at the end; wall-clock time elsewhere."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.events = []
+        self.seconds = 0.0
+        self.started = None
+
+    def start(self):
+        if self.cuda:
+            self.events.append([torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)])
+            self.events[-1][0].record()
+        else:
+            self.started = time.perf_counter()
+
+    def stop(self):
+        if self.cuda:
+            self.events[-1][1].record()
+        else:
+            self.seconds += time.perf_counter() - self.started
+
+    def total(self):
+        if self.cuda and self.events:
+            self.events[-1][1].synchronize()
+            return sum(begin.elapsed_time(end) for begin, end in self.events) / 1000.0
+        return self.seconds
+
+
 def animate(args, networks, source, fps, frame_estimate, reference_frame, video_path, device):
     """Animate the streamed driving video into ``video_path`` (no audio).
 
     Returns (number of frames, seconds spent in the networks).
     """
     writer = None
-    model_seconds = 0.0
+    timer = ModelTimer(device)
     count = 0
-    source_uint8 = to_uint8(source)[0]
+    suffix = result_suffix(args.result_video)
     progress = tqdm(total=frame_estimate, unit="frame", desc="animating", file=sys.stderr)
     try:
         with torch.inference_mode():
@@ -378,29 +444,29 @@ def animate(args, networks, source, fps, frame_estimate, reference_frame, video_
                 animator.set_reference_frame(reference_frame)
             for frames in iter_batches(args.driving_video, args.batch_size):
                 driving = frames_to_tensor(frames, args.img_shape, device)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                start = time.perf_counter()
-                prediction = animator(driving)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                model_seconds += time.perf_counter() - start
-                result = to_uint8(prediction)
-                if args.side_by_side:
-                    tiles = np.broadcast_to(source_uint8, result.shape)
-                    result = np.concatenate([tiles, to_uint8(driving), result], axis=2)
+                timer.start()
+                result = render_batch(animator, driving, source, args.side_by_side)
+                timer.stop()
                 if writer is None:
-                    writer = imageio.v2.get_writer(video_path, format="FFMPEG", fps=fps, codec="libx264",
-                                                   quality=8, macro_block_size=2, ffmpeg_log_level="error")
-                for image in result:
-                    writer.append_data(image)
+                    writer = ResultWriter(video_path, suffix, fps)
+                writer.append(result)
                 count += len(frames)
                 progress.update(len(frames))
     finally:
         progress.close()
         if writer is not None:
             writer.close()
-    return count, model_seconds
+    return count, timer.total()
+
+
+def result_suffix(path):
+    """The result's format (``RESULT_FORMATS`` key) from its file name; no suffix means mp4. One-line
+    error for a format this demo cannot write."""
+    suffix = os.path.splitext(path)[1].lower() or ".mp4"
+    if suffix not in RESULT_FORMATS:
+        raise DemoError(f"--result_video {path}: cannot write {suffix} files; use one of "
+                        f"{', '.join(RESULT_FORMATS)}")
+    return suffix
 
 
 def run(args):
@@ -413,9 +479,14 @@ def run(args):
         config = load_config(args.config, overrides=args.overrides)
     except (OSError, ValueError) as error:
         raise DemoError(_first_line(error)) from None
+    suffix = result_suffix(args.result_video)
     if args.img_shape is None:
         frame_shape = config["dataset_params"].get("frame_shape")
         args.img_shape = tuple(frame_shape[:2]) if frame_shape else (256, 256)
+    try:
+        check_frame_size(config["model_params"], args.img_shape, "--img_shape")
+    except ValueError as error:
+        raise DemoError(str(error)) from None
     device = resolve_device(args.device, args.cpu)
     source = read_source_image(args.source_image, args.img_shape, device)
     fps, frame_estimate = video_info(args.driving_video, args.fps)
@@ -436,11 +507,11 @@ def run(args):
 
     result_path = os.path.abspath(args.result_video)
     folder = os.path.dirname(result_path)
-    suffix = os.path.splitext(result_path)[1].lower() or ".mp4"
+    # Written next to the result, then renamed into place; not pre-created, so it gets the usual mode
+    # (0666 less the umask) like the result itself.
+    video_path = os.path.join(folder, f".{os.path.basename(result_path)}.partial-{os.getpid()}{suffix}")
     try:
         os.makedirs(folder, exist_ok=True)
-        handle, video_path = tempfile.mkstemp(prefix=".demo-", suffix=suffix, dir=folder)
-        os.close(handle)
     except OSError as error:
         raise DemoError(f"cannot write {args.result_video}: {_first_line(error)}") from None
     try:

@@ -34,7 +34,23 @@ STRIP_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
 class DatasetError(ValueError):
-    """A data problem; the message is one line naming the path."""
+    """A data problem; the message is one line naming the path.
+
+    Raised in a DataLoader worker process, it reaches the main process as ``DatasetError(<the worker's
+    whole traceback>)`` (that is how PyTorch re-raises worker errors); the constructor keeps the
+    traceback's last line, the original message, so the error is the same one line with any number of
+    workers.
+    """
+
+    _WORKER = "Caught DatasetError in DataLoader worker"
+
+    def __init__(self, message):
+        text = str(message)
+        if text.startswith(self._WORKER):
+            last = [line for line in text.splitlines() if line.strip()][-1]
+            _, found, original = last.partition("DatasetError: ")
+            text = original if found else last
+        super().__init__(text)
 
 
 def _first_line(error):
@@ -219,6 +235,67 @@ def read_frames(path, indices=None, frame_shape=None):
     return _stack_checked(found, indices, frame_shape, path)
 
 
+def _frame_sequence(path, frame_shape):
+    """Every frame of a video entry in order, one (H, W, 3) array at a time (uint8, or float32 in [0, 1]
+    for 16-bit images), decoded lazily; an .png/.jpg strip is decoded once (as uint8) and sliced."""
+    lower = path.lower()
+    if os.path.isdir(path):
+        for file in _frame_files(path):
+            with _open_image(file) as image:
+                yield image_to_rgb(image)
+    elif lower.endswith(STRIP_EXTENSIONS):
+        count = _strip_count(path, frame_shape)
+        with _open_image(path) as image:
+            strip = image_to_rgb(image) if image.mode.startswith("I") else np.asarray(image.convert("RGB"))
+        frame_w = frame_shape[1]
+        for index in range(count):
+            yield strip[:, index * frame_w:(index + 1) * frame_w]
+    elif lower.endswith(".gif"):
+        try:
+            with Image.open(path) as image:
+                for frame in ImageSequence.Iterator(image):
+                    yield image_to_rgb(frame)
+        except (OSError, UnidentifiedImageError, ValueError, EOFError) as error:
+            raise DatasetError(f"{path}: unreadable or corrupt video ({_first_line(error)})") from None
+    elif lower.endswith((".mp4", ".mov")):
+        reader = None
+        try:
+            reader = _imageio_ffmpeg(path).read_frames(path, pix_fmt="rgb24")
+            width, height = next(reader)["size"]
+            for buffer in reader:
+                yield np.frombuffer(buffer, dtype=np.uint8).reshape(height, width, 3)
+        except (OSError, RuntimeError, ValueError, StopIteration) as error:
+            raise DatasetError(f"{path}: unreadable or corrupt video ({_first_line(error)})") from None
+        finally:
+            if reader is not None:
+                reader.close()
+    else:
+        raise DatasetError(f"{path}: unsupported video entry; expected a folder of frames, "
+                           f"{', '.join(VIDEO_EXTENSIONS)} or a {', '.join(STRIP_EXTENSIONS)} strip")
+
+
+def iter_frames(path, chunk_size, frame_shape=None):
+    """Every frame of a video entry in order, in chunks: float32 arrays (n <= chunk_size, H, W, 3) in
+    [0, 1], read lazily, so that memory holds one chunk (plus, for a strip, its decoded uint8 image)
+    whatever the video's length. The same checks and one-line errors as :func:`read_frames`."""
+    chunk, reference = [], None
+    for index, frame in enumerate(_frame_sequence(path, frame_shape)):
+        _check_shape(frame, frame_shape, path, index)
+        if reference is None:
+            reference = frame.shape
+        elif frame.shape != reference:
+            raise DatasetError(f"{path}: frame {index} is {frame.shape[0]}x{frame.shape[1]}, "
+                               f"frame 0 is {reference[0]}x{reference[1]}")
+        chunk.append(frame.astype(np.float32) / 255.0 if frame.dtype == np.uint8 else frame)
+        if len(chunk) == chunk_size:
+            yield np.stack(chunk)
+            chunk = []
+    if chunk:
+        yield np.stack(chunk)
+    elif reference is None:
+        raise DatasetError(f"{path}: unreadable or corrupt video (no frame decoded)")
+
+
 def _stack_checked(found, indices, frame_shape, path):
     """Stack ``found[i] for i in indices`` after checking every frame's size."""
     reference = found[indices[0]].shape
@@ -295,6 +372,12 @@ class FramesDataset(Dataset):
         if name not in self._num_frames:
             self._num_frames[name] = count_frames(os.path.join(self.split_dir, name), self.frame_shape)
         return self._num_frames[name]
+
+    def iter_video(self, index, chunk_size):
+        """Evaluation: the frames of video ``index`` in order, as float32 tensors (n <= chunk_size, C, H, W)
+        in [0, 1], read lazily (:func:`iter_frames`); the streaming form of ``self[index]["video"]``."""
+        for frames in iter_frames(os.path.join(self.split_dir, self.videos[index]), chunk_size, self.frame_shape):
+            yield torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous()
 
     def __getitem__(self, index):
         if not 0 <= index < len(self):

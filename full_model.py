@@ -87,6 +87,11 @@ def dropout_schedule(epoch, train_params):
     return True, min(p, train_params["dropout_maxp"])
 
 
+def _finite(keypoints):
+    """{'fg_kp': keypoints} with NaN/inf entries replaced by 0 (no host synchronisation)."""
+    return {"fg_kp": torch.nan_to_num(keypoints["fg_kp"], nan=0.0, posinf=0.0, neginf=0.0)}
+
+
 class GeneratorFullModel(nn.Module):
     """Keypoint detector + BG predictor + dense motion + generator, with the training losses.
 
@@ -136,8 +141,12 @@ class GeneratorFullModel(nn.Module):
         bg_on = self.bg_predictor is not None and epoch >= tp["bg_start"]
         bg_param = self.bg_predictor(source, driving) if bg_on else None
         dropout_flag, dropout_p = dropout_schedule(epoch, tp)
-        generated = animation.animate(self.networks, source, kp_source, kp_driving, bg_param=bg_param,
-                                      dropout_flag=dropout_flag, dropout_p=dropout_p)
+        # A diverged detector's NaN/inf keypoints go into the motion fits as 0 (finite keypoints are
+        # unchanged, gradient included), so the fits and the CPAB integrator always get finite input and
+        # train.training_step reports the keypoints (from generated["kp_source"/"kp_driving"], as
+        # detected) at the step's one host synchronisation, instead of the integrator failing first.
+        generated = animation.animate(self.networks, source, _finite(kp_source), _finite(kp_driving),
+                                      bg_param=bg_param, dropout_flag=dropout_flag, dropout_p=dropout_p)
         generated.update({"kp_source": kp_source, "kp_driving": kp_driving})
 
         w = self.loss_weights

@@ -131,9 +131,17 @@ class Visualizer:
 
 
 class RunLog:
-    """Rank-0 TensorBoard scalars/images and tqdm bar with running losses; silent on other ranks."""
+    """Rank-0 TensorBoard scalars/images and tqdm bar with running losses; silent on other ranks.
 
-    def __init__(self, run_dir, dist, total_steps, initial_step, log_freq, image_freq, visualizer_params):
+    Every point is written at the number of iterations done (a step's scalars and grid at ``step + 1``).
+    ``resumed_at``: the iterations the checkpoint of a resumed run holds; points a crashed run wrote
+    after it are dropped (TensorBoard's ``purge_step``), so a resumed curve has each step once. The
+    event file is created at the first write, so a run that fails before its first point leaves no
+    TensorBoard folder.
+    """
+
+    def __init__(self, run_dir, dist, total_steps, initial_step, log_freq, image_freq, visualizer_params,
+                 resumed_at=None):
         self.enabled = dist.is_main
         self.log_freq = log_freq
         self.image_freq = image_freq
@@ -141,17 +149,25 @@ class RunLog:
         self.counts = {}
         self.count = 0
         self.window_start = time.perf_counter()
-        self.writer = None
+        self.log_dir = os.path.join(run_dir, "tensorboard")
+        self.purge_step = None if resumed_at is None else int(resumed_at) + 1
+        self._writer = None
         self.bar = None
         self.visualizer = Visualizer(kp_size=visualizer_params["kp_size"],
                                      draw_border=visualizer_params["draw_border"],
                                      colormap=visualizer_params["colormap"])
         if self.enabled:
+            self.bar = tqdm(total=total_steps, initial=initial_step, unit="it", dynamic_ncols=True)
+
+    @property
+    def writer(self):
+        """The SummaryWriter, created at the first write (rank 0 only)."""
+        if self._writer is None:
             # Imported here: only rank 0 writes, and tensorboard is slow to import.
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"))
-            self.bar = tqdm(total=total_steps, initial=initial_step, unit="it", dynamic_ncols=True)
+            self._writer = SummaryWriter(log_dir=self.log_dir, purge_step=self.purge_step)
+        return self._writer
 
     def step(self, step, epoch, means, learning_rates):
         """Record the losses of global step ``step`` (0-based, already done); write every log_freq."""
@@ -179,10 +195,10 @@ class RunLog:
             self.window_start = time.perf_counter()
 
     def images(self, step, source, driving, generated, tag="train/grid"):
-        """Write a visualisation grid when ``step`` (0-based) is a multiple of image_freq."""
+        """Write a visualisation grid of step ``step`` (0-based) when it is a multiple of image_freq."""
         if self.enabled and step % self.image_freq == 0:
             grid = self.visualizer.visualize(source, driving, generated)
-            self.writer.add_image(tag, grid, step, dataformats="HWC")
+            self.writer.add_image(tag, grid, step + 1, dataformats="HWC")
 
     def message(self, text):
         if self.enabled:
@@ -191,4 +207,5 @@ class RunLog:
     def close(self):
         if self.enabled:
             self.bar.close()
-            self.writer.close()
+            if self._writer is not None:
+                self._writer.close()

@@ -11,11 +11,14 @@ copied, the rest stays fresh, no optimiser state or epoch is taken; the run dire
 ``init_from.json``.
 
 Multi-GPU/multi-process: ``torchrun --nproc_per_node=N run.py ...`` (DDP; gloo on CPU, nccl on CUDA,
-one GPU per process by LOCAL_RANK). Errors in the inputs (config, checkpoint, data) end the run with
-one line on stderr and exit status 1.
+one GPU per process by LOCAL_RANK). Errors in the inputs (config, checkpoint, data, a frame size the
+networks cannot take), a NaN/inf in training and a failed write (a full disk) end the run with one line
+on stderr and exit status 1; a new run directory that holds nothing but its config.yaml (and
+init_from.json) is then removed.
 """
 import argparse
 import datetime
+import errno
 import json
 import os
 import re
@@ -29,7 +32,9 @@ import yaml
 import checkpoint as checkpoints
 from configuration import config_name, load_config
 from evaluation import check_eval_config
+from frames_dataset import dataset_from_config, read_frames
 from modules import MAIN_NETWORKS, build_networks
+from modules.sizes import check_frame_size
 from reconstruction import evaluate_test_split
 from synthetic import ensure_dataset
 from train import Distributed, NonFiniteLossError, train, train_avd
@@ -96,12 +101,53 @@ def _broadcast(value, dist):
     return box[0]
 
 
+def frame_sizes(config, mode, probe):
+    """[(frame size (H, W), where it comes from)] that the generator and the dense motion will get in
+    ``mode``: the training frames (train: the crop size when the augmentation crops, else frame_shape)
+    and the test frames (reconstruction, and train with evaluate_after_training); train_avd runs only
+    the keypoint detector, which takes any size. Without frame_shape, ``probe`` reads frame 0 of the
+    split's first video (once the data exist); else such sizes are left out."""
+    data = config["dataset_params"]
+    crop = (data["augmentation_params"]["crop_param"] or {}).get("size")
+    splits = []
+    if mode == "train":
+        splits.append(True)
+    if mode == "reconstruction" or (mode == "train" and config["train_params"]["evaluate_after_training"]):
+        splits.append(False)
+    sizes = []
+    for is_train in splits:
+        if is_train and crop:
+            sizes.append((tuple(crop), "dataset_params.augmentation_params.crop_param.size"))
+        elif data["frame_shape"]:
+            sizes.append((tuple(data["frame_shape"][:2]), "dataset_params.frame_shape"))
+        elif probe:
+            dataset = dataset_from_config(data, is_train=is_train)
+            path = os.path.join(dataset.split_dir, dataset.videos[0])
+            sizes.append((read_frames(path, [0]).shape[1:3], f"the frames of {path} (dataset_params.frame_shape "
+                                                             f"is null)"))
+    return sizes
+
+
+def check_frame_sizes(config, mode, probe):
+    """Start-up check of :func:`frame_sizes` against the networks (``modules.sizes``): a one-line error
+    naming the size, where it comes from, and the sizes that work."""
+    for size, origin in frame_sizes(config, mode, probe):
+        check_frame_size(config["model_params"], size, origin)
+
+
 def prepare_run_dir(args, config, dist, resume_dir=None):
-    """Create (rank 0) the run directory, write the resolved config; every rank gets its path."""
+    """Create (rank 0) the run directory, write the resolved config; every rank gets its path.
+
+    Resuming, the partial checkpoint files an interrupted write left there are deleted first."""
     run_dir = None
     if dist.is_main:
         if resume_dir is not None:
             run_dir = resume_dir
+            removed = checkpoints.remove_partial_files(run_dir)
+            if removed:
+                megabytes = sum(size for _, size in removed) / 2 ** 20
+                print(f"removed {len(removed)} partial checkpoint file(s) ({megabytes:.0f} MiB) that an "
+                      f"interrupted write left in {run_dir}")
             config_path = checkpoints.resumed_config_path(run_dir, config)
         else:
             run_dir = os.path.join(args.log_dir, run_dir_name(args.config, args.tag or args.mode))
@@ -120,6 +166,7 @@ def execute(args, dist, device, created):
     config = load_config(args.config, args.overrides)
     check_eval_config(config, args.mode == "reconstruction" or (
         args.mode == "train" and config["train_params"]["evaluate_after_training"]), args.config)
+    check_frame_sizes(config, args.mode, probe=False)
     if args.init_from is not None and args.checkpoint is not None:
         raise ValueError("give --checkpoint (resume, or the model to evaluate) or --init_from (a new run from "
                          "its weights), not both")
@@ -140,6 +187,7 @@ def execute(args, dist, device, created):
     if dist.is_main:
         ensure_dataset(config["dataset_params"])
     dist.barrier()
+    check_frame_sizes(config, args.mode, probe=True)
 
     torch.manual_seed(seed)
     networks = build_networks(config, device)
@@ -171,6 +219,14 @@ def execute(args, dist, device, created):
     return evaluate_test_split(config, networks, run_dir, device, dist, checkpoint=args.checkpoint)
 
 
+def one_line(error):
+    """An OSError as one line: its message, with the file it concerns when it has one."""
+    if isinstance(error, checkpoints.CheckpointWriteError) or not error.strerror:
+        return str(error)
+    reason = "no space left on device" if error.errno == errno.ENOSPC else error.strerror
+    return f"{reason}: {error.filename}" if error.filename else reason
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -181,8 +237,8 @@ def main(argv=None):
     created = []
     try:
         execute(args, dist, device, created)
-    except (ValueError, FileNotFoundError, NonFiniteLossError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (ValueError, OSError, NonFiniteLossError) as error:
+        print(f"error: {one_line(error) if isinstance(error, OSError) else error}", file=sys.stderr)
         if dist.is_main and created and set(os.listdir(created[0])) <= {"config.yaml", checkpoints.INIT_RECORD}:
             shutil.rmtree(created[0])
         return 1

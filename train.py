@@ -11,6 +11,8 @@ so "train 2 epochs, save, resume 1 epoch" follows the same path as "train 3 epoc
 ``dataloader_workers: 0``, or any worker count on the same machine, since worker seeds derive from
 the per-epoch generator).
 """
+import bisect
+import collections
 import math
 import os
 import random
@@ -34,7 +36,8 @@ from reconstruction import evaluate_test_split
 
 
 class NonFiniteLossError(ArithmeticError):
-    """A loss or gradient became NaN/inf; training stopped before updating the weights."""
+    """A loss, the keypoints, a gradient or the weights became NaN/inf; training stopped before writing a
+    checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -103,46 +106,50 @@ def steps_in_epoch(loader, max_steps, dataset_size, batch_size):
     return steps if max_steps is None else min(steps, max_steps)
 
 
-def check_finite(losses, step, epoch, dist):
-    """(sum of the losses' means, {name: mean as a float}) with ONE host synchronisation, which also
-    gives the values to log; ``NonFiniteLossError`` naming the loss when one is NaN/inf.
+def max_abs(tensors):
+    """max |value| over ``tensors`` as a 0-dim device tensor (NaN if any value is NaN); no host read."""
+    return torch.nn.utils.get_total_norm(list(tensors), norm_type=math.inf)
 
-    Under DDP the ranks agree (one all-reduce) so that all of them stop together.
+
+def network_extent(network):
+    """max |value| over a network's parameters and floating-point buffers (what a checkpoint holds)."""
+    return max_abs([*network.parameters(), *(b for b in network.buffers() if b.is_floating_point())])
+
+
+def check_finite(watched, step, epoch, dist):
+    """Read ``watched`` ({what: 0-dim tensor}, in the order they arose) to the host in ONE synchronisation
+    and return {what: float}; ``NonFiniteLossError`` naming the first NaN/inf one and the step.
+
+    Under DDP the ranks agree (one all-reduce of the flag) so that all of them stop together.
     """
-    means = {name: value.float().mean() for name, value in losses.items()}
-    stacked = torch.stack(list(means.values())).detach()
+    stacked = torch.stack([value.detach().float().reshape(()) for value in watched.values()])
     all_finite = torch.isfinite(stacked).all().to(stacked.dtype).reshape(1)
     if dist.initialized:
         torch.distributed.all_reduce(all_finite, op=torch.distributed.ReduceOp.MIN)
     flag, *values = torch.cat([all_finite, stacked]).tolist()
-    host = dict(zip(means, values, strict=True))
+    host = dict(zip(watched, values, strict=True))
     if not flag:
-        bad = [name for name, value in host.items() if not math.isfinite(value)]
-        where = f"loss '{bad[0]}' is {host[bad[0]]}" if bad else "a loss on another rank is not finite"
-        raise NonFiniteLossError(f"{where} at step {step} (epoch {epoch}); stopped before updating the "
-                                 f"weights, no checkpoint written for this epoch")
-    return sum(means.values()), host
+        bad = [what for what, value in host.items() if not math.isfinite(value)]
+        where = f"{bad[0]} is {host[bad[0]]}" if bad else "a value on another rank is not finite"
+        raise NonFiniteLossError(f"{where} at step {step} (epoch {epoch}); training stopped, no checkpoint "
+                                 f"written for this epoch")
+    return host
 
 
-def clip_gradients(modules, max_norm, step, epoch):
-    """Clip the inf-norm of each module's gradients to ``max_norm`` (None: no clipping) (``modules``: {name: module});
-    one host synchronisation for all of them; error naming the module if a gradient is NaN/inf."""
+def clip_gradients(modules, max_norm):
+    """Clip the inf-norm of each module's gradients to ``max_norm`` (None: no clipping) (``modules``: {name:
+    module}); returns {name: the inf-norm before clipping, a 0-dim device tensor} without reading it on the
+    host (its finiteness is checked with the step's other values, ``check_finite``)."""
     norms = {}
     for name, module in modules.items():
         parameters = [parameter for parameter in module.parameters() if parameter.grad is not None]
         if not parameters:
             continue
         if max_norm is None:  # clipping off: the norm is still checked
-            norms[name] = torch.nn.utils.get_total_norm([p.grad for p in parameters], norm_type=math.inf)
+            norms[name] = max_abs(p.grad for p in parameters)
         else:
             norms[name] = torch.nn.utils.clip_grad_norm_(parameters, max_norm=max_norm, norm_type=math.inf)
-    if not norms:
-        return
-    finite = torch.isfinite(torch.stack([norm.float() for norm in norms.values()])).tolist()
-    if not all(finite):
-        name = next(name for name, ok in zip(norms, finite, strict=True) if not ok)
-        raise NonFiniteLossError(f"gradient of {name} is not finite at step {step} (epoch {epoch}); "
-                                 f"stopped before updating the weights, no checkpoint written for this epoch")
+    return norms
 
 
 def make_optimizers(networks, params):
@@ -158,41 +165,100 @@ def make_optimizers(networks, params):
     return optimizer, None if bg_predictor is None else adam(bg_predictor.parameters())
 
 
-def optimisation_step(networks, total, optimizer, optimizer_bg, max_norm, step, epoch):
+def optimisation_step(networks, total, optimizer, optimizer_bg, max_norm):
     """Backward of ``total``, the official inf-norm clipping (kp detector, dense motion, and the BG
-    predictor when ``optimizer_bg`` is given: None while it is not trained), then the Adam step(s)."""
+    predictor when ``optimizer_bg`` is given: None while it is not trained), then the Adam step(s).
+    Returns the clipped modules' gradient inf-norms ({name: 0-dim tensor}, not read on the host)."""
     total.backward()
     names = ("kp_detector", "dense_motion_network") + (("bg_predictor",) if optimizer_bg is not None else ())
-    clip_gradients({name: networks[name] for name in names}, max_norm, step, epoch)
+    norms = clip_gradients({name: networks[name] for name in names}, max_norm)
     for target in (optimizer, optimizer_bg):
         if target is not None:
             target.step()
             target.zero_grad(set_to_none=True)
+    return norms
 
 
 def training_step(model, networks, optimizers, x, epoch, step, params, dist):
-    """One training iteration, as ``train`` runs it (and the benchmark times it).
+    """One training iteration, as ``train`` runs it (and the benchmark times it), with ONE host
+    synchronisation.
 
-    The full model's forward (weighted losses), the loss check (``check_finite``: one host
-    synchronisation, ``NonFiniteLossError`` before any update), backward, the official inf-norm
-    clipping and the Adam steps (``optimisation_step``); the BG predictor is clipped and stepped from
-    ``params["bg_start"]`` on. model: the (possibly DDP-wrapped) ``GeneratorFullModel``; optimizers:
-    ``make_optimizers``' pair. Returns ({loss name: mean as a float}, the generated outputs).
+    The full model's forward (weighted losses), backward, the official inf-norm clipping and the Adam
+    steps (``optimisation_step``; the BG predictor is clipped and stepped from ``params["bg_start"]``
+    on), then ``check_finite``: one read of the keypoints' extent, the losses (the values to log), the
+    clipped gradients' norms and the updated networks' extent. A NaN/inf anywhere stops training there
+    (``NonFiniteLossError`` naming the first one) before ``train`` writes a checkpoint, so no
+    checkpoint holds non-finite weights; the weights in memory may already be (the update has run).
+    model: the (possibly DDP-wrapped) ``GeneratorFullModel``; optimizers: ``make_optimizers``' pair.
+    Returns ({loss name: mean as a float}, the generated outputs).
     """
     optimizer, optimizer_bg = optimizers
     losses, generated = model(x, epoch, step)
-    total, means = check_finite(losses, step, epoch, dist)
+    means = {name: value.float().mean() for name, value in losses.items()}
     train_bg = optimizer_bg is not None and epoch >= params["bg_start"]
-    optimisation_step(networks, total, optimizer, optimizer_bg if train_bg else None, params["clip_grad_norm"],
-                      step, epoch)
-    return means, generated
+    gradient_norms = optimisation_step(networks, sum(means.values()), optimizer, optimizer_bg if train_bg else None,
+                                       params["clip_grad_norm"])
+    updated = ("kp_detector", "dense_motion_network", "inpainting_network") + (("bg_predictor",) if train_bg else ())
+    keypoints = (generated["kp_source"]["fg_kp"], generated["kp_driving"]["fg_kp"])
+    watched = {"max |keypoint| (kp_detector output)": max_abs(keypoints)}
+    watched.update({f"loss '{name}'": value for name, value in means.items()})
+    watched.update({f"max |gradient| of {name}": norm for name, norm in gradient_norms.items()})
+    watched.update({f"max |weight| of {name} after the update": network_extent(networks[name]) for name in updated})
+    host = check_finite(watched, step, epoch, dist)
+    return {name: host[f"loss '{name}'"] for name in means}, generated
 
 
-def _wrap(module, dist, device):
+def unused_parameters(networks, params, epoch):
+    """Whether some trainable parameter of the full model gets no gradient in a step of ``epoch``, which
+    DDP must then be told (``find_unused_parameters``, an extra graph traversal per step, and a warning
+    when set needlessly). Two cases: the BG predictor before ``bg_start`` (not run), and the generator's
+    output layers and the dense motion's occlusion/up layers when no loss reads the prediction (the
+    perceptual and structure losses both off, e.g. in ablations and tests).
+    ``tests/test_train.py`` checks this against the gradients of a step."""
+    weights = params["loss_weights"]
+    reads_prediction = any(w != 0 for w in weights["perceptual"]) or weights["structure"] != 0
+    return (networks.get("bg_predictor") is not None and epoch < params["bg_start"]) or not reads_prediction
+
+
+def apply_schedule(optimizer, scheduler, lr, milestones):
+    """Make a resumed optimiser and its MultiStepLR follow ``lr`` and ``milestones`` (the config's) instead of
+    the checkpoint's: milestones replaced, base lr ``lr``, current lr what a run with these values has at
+    the scheduler's epoch. Returns the current lr."""
+    scheduler.milestones = collections.Counter(milestones)
+    scheduler.base_lrs = [lr for _ in optimizer.param_groups]
+    current = lr * scheduler.gamma ** bisect.bisect_right(sorted(milestones), scheduler.last_epoch)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = lr
+        group["lr"] = current
+    scheduler._last_lr = [current for _ in optimizer.param_groups]
+    return current
+
+
+def resume_schedule(checkpoint, section, params, lr_key, targets, dist):
+    """Apply a learning rate or milestones changed since ``checkpoint`` was written (the optimiser and
+    scheduler states loaded from it hold the old ones), with one line saying what changed.
+
+    section: "train_params" or "train_avd_params"; lr_key: its lr key; targets: [(optimizer, scheduler)]
+    (None entries skipped).
+    """
+    saved = (checkpoint.get("config") or {}).get(section) or {}
+    changes = [f"{section}.{key} {saved[key]!r} -> {params[key]!r}" for key in (lr_key, "epoch_milestones")
+               if key in saved and saved[key] != params[key]]
+    if not changes:
+        return
+    current = None
+    for optimizer, scheduler in targets:
+        if optimizer is not None:
+            current = apply_schedule(optimizer, scheduler, params[lr_key], params["epoch_milestones"])
+    if dist.is_main:
+        print(f"resuming with {', '.join(changes)}: applied (lr now {current:g})")
+
+
+def _wrap(module, dist, device, find_unused_parameters):
     if not dist.initialized:
         return module
     device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=True)
+    return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
 
 
 def train(config, networks, run_dir, device, dist=Distributed(), seed=0, checkpoint=None,
@@ -227,17 +293,26 @@ def train(config, networks, run_dir, device, dist=Distributed(), seed=0, checkpo
                                                            "optimizer_bg": optimizer_bg,
                                                            "scheduler_bg": scheduler_bg})
         start_epoch, step = int(checkpoint["epoch"]), int(checkpoint["step"])
+        resume_schedule(checkpoint, "train_params", params, "lr_generator",
+                        [(optimizer, scheduler), (optimizer_bg, scheduler_bg)], dist)
 
     dataset = training_dataset(config, params["num_repeats"])
     batch_size = per_rank_batch(params["batch_size"], dist, "train_params.batch_size")
     full_model = GeneratorFullModel(networks, params).to(device)
-    model = _wrap(full_model, dist, device)
+    model, wrapped_with = None, None
     steps_per_epoch = steps_in_epoch(make_loader(dataset, batch_size, 0, seed, 0, dist, device),
                                      params["max_steps_per_epoch"], len(dataset), batch_size)
     log = RunLog(run_dir, dist, params["num_epochs"] * steps_per_epoch, start_epoch * steps_per_epoch,
-                 params["log_freq"], params["image_freq"], config["visualizer_params"])
+                 params["log_freq"], params["image_freq"], config["visualizer_params"],
+                 resumed_at=None if checkpoint is None else step)
     try:
         for epoch in range(start_epoch, params["num_epochs"]):
+            # DDP is told of unused parameters only in the epochs that have them (before bg_start, say);
+            # the wrapper is rebuilt when that changes.
+            find_unused = unused_parameters(networks, params, epoch)
+            if model is None or find_unused != wrapped_with:
+                model, wrapped_with = None, find_unused
+                model = _wrap(full_model, dist, device, find_unused)
             seed_everything(epoch_seed(seed, epoch, dist.rank))
             loader = make_loader(dataset, batch_size, params["dataloader_workers"], seed, epoch, dist, device)
             full_model.train()
@@ -322,15 +397,17 @@ def train_avd(config, networks, run_dir, device, dist=Distributed(), seed=0, che
         optimizer.load_state_dict(checkpoint["optimizer_avd"])
         scheduler.load_state_dict(checkpoint["scheduler_avd"])
         start_epoch, step = int(checkpoint["avd_epoch"]), int(checkpoint["avd_step"])
+        resume_schedule(checkpoint, "train_avd_params", params, "lr", [(optimizer, scheduler)], dist)
 
     dataset = training_dataset(config, params["num_repeats"])
     batch_size = per_rank_batch(params["batch_size"], dist, "train_avd_params.batch_size")
-    model = _wrap(avd_network, dist, device)
+    model = _wrap(avd_network, dist, device, find_unused_parameters=False)  # its forward uses every parameter
     steps_per_epoch = steps_in_epoch(make_loader(dataset, batch_size, 0, seed, 0, dist, device), None,
                                      len(dataset), batch_size)
     train_params = config["train_params"]
     log = RunLog(run_dir, dist, params["num_epochs"] * steps_per_epoch, start_epoch * steps_per_epoch,
-                 train_params["log_freq"], train_params["image_freq"], config["visualizer_params"])
+                 train_params["log_freq"], train_params["image_freq"], config["visualizer_params"],
+                 resumed_at=step if "optimizer_avd" in checkpoint else None)
     try:
         for epoch in range(start_epoch, params["num_epochs"]):
             seed_everything(epoch_seed(seed, epoch, dist.rank))
@@ -345,12 +422,19 @@ def train_avd(config, networks, run_dir, device, dist=Distributed(), seed=0, che
                     kp_random = {"fg_kp": random_scale(kp_driving["fg_kp"], params["random_scale"])}
                 reconstructed = model(kp_source, kp_random)
                 error = torch.abs(kp_driving["fg_kp"] - reconstructed["fg_kp"]).mean()
-                losses = {"rec_kp": params["lambda_shift"] * error}
-                total, means = check_finite(losses, step, epoch, dist)
-                total.backward()
+                loss = params["lambda_shift"] * error
+                loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                log.step(step, epoch, means, {"avd": optimizer.param_groups[0]["lr"]})
+                # One host synchronisation per step, after the update, before any checkpoint (as in training_step).
+                host = check_finite({"max |keypoint| (kp_detector output)": max_abs((kp_source["fg_kp"],
+                                                                                    kp_driving["fg_kp"])),
+                                     "loss 'rec_kp'": loss,
+                                     "max |weight| of avd_network after the update": network_extent(avd_network),
+                                     "max |value| of kp_detector's running statistics": max_abs(
+                                         b for b in kp_detector.buffers() if b.is_floating_point())},
+                                    step, epoch, dist)
+                log.step(step, epoch, {"rec_kp": host["loss 'rec_kp'"]}, {"avd": optimizer.param_groups[0]["lr"]})
                 step += 1
             scheduler.step()
             if dist.is_main:

@@ -1,5 +1,6 @@
 """checkpoint.py: atomic checkpoints loadable with weights_only=True, config comparison, loading into the
 networks with one-line errors, and where a run given --checkpoint continues."""
+import glob
 import os
 import pickle
 
@@ -167,3 +168,75 @@ def test_save_epoch_writes_the_latest_and_numbered_copies(tmp_path):
     assert os.listdir(tmp_path) == [checkpoints.CHECKPOINT_NAME]
     checkpoints.save_epoch(str(tmp_path), state, 2, checkpoint_freq=2)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-00002.pth.tar", "checkpoint.pth.tar"]
+
+
+def test_checkpoints_get_the_usual_file_mode_and_clearly_temporary_partial_names(tmp_path, monkeypatch):
+    _, state = _state()
+    path = str(tmp_path / "checkpoint.pth.tar")
+    seen = []
+    original = torch.save
+
+    def spying_save(obj, stream):
+        seen.extend(os.listdir(tmp_path))
+        original(obj, stream)
+
+    monkeypatch.setattr(checkpoints.torch, "save", spying_save)
+    previous = os.umask(0o022)
+    try:
+        save_checkpoint(path, state)
+    finally:
+        os.umask(previous)
+    assert os.stat(path).st_mode & 0o777 == 0o644  # like any other output (mkstemp's files are 0600)
+    assert seen == [f"checkpoint.pth.tar.partial-{os.getpid()}"]  # never matches *.pth.tar
+    assert os.listdir(tmp_path) == ["checkpoint.pth.tar"]
+
+
+def _full_disk_save(obj, stream):
+    """What torch.save does on a full disk: the writer's OSError, then the zip writer's RuntimeError."""
+    stream.write(b"\0" * 100)
+    try:
+        raise OSError(28, "No space left on device")
+    except OSError:  # implicitly chained (its __context__), as torch's zip writer does: hence no "from"
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 231593088 vs 231592980")  # noqa: B904
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    _, state = _state()
+    path = str(tmp_path / "checkpoint.pth.tar")
+    save_checkpoint(path, state)
+    monkeypatch.setattr(checkpoints.torch, "save", _full_disk_save)
+    with pytest.raises(checkpoints.CheckpointWriteError) as error:
+        save_checkpoint(path, dict(state, epoch=4))
+    assert str(error.value) == (f"cannot write checkpoint {path}: no space left on device (the previous "
+                                f"checkpoint is kept)")
+    assert isinstance(error.value, OSError) and error.value.errno == 28
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 3 and os.listdir(tmp_path) == ["checkpoint.pth.tar"]
+
+
+def test_a_write_killed_with_sigkill_leaves_a_partial_file_the_next_start_removes(tmp_path):
+    """kill -9 in the middle of torch.save (a real process): the checkpoint stays as it was, the partial
+    file does not look like a checkpoint, and remove_partial_files (run on resume) deletes it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = str(tmp_path / "checkpoint.pth.tar")
+    _, state = _state()
+    save_checkpoint(path, state)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import checkpoint; "
+              "checkpoint.save_checkpoint(sys.argv[2], {'w': torch.zeros(150_000_000)})")  # 600 MB
+    child = subprocess.Popen([sys.executable, "-c", script, root, path])
+    partial = f"{path}.partial-{child.pid}"
+    deadline = time.monotonic() + 120
+    while not (os.path.exists(partial) and os.path.getsize(partial) > 1_000_000) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert os.path.exists(partial), "the write finished or never started"
+    assert glob.glob(str(tmp_path / "*.pth.tar")) == [path]
+    assert load_checkpoint(path)["epoch"] == 3
+    removed = checkpoints.remove_partial_files(str(tmp_path))
+    assert [name for name, _ in removed] == [partial] and os.listdir(tmp_path) == ["checkpoint.pth.tar"]

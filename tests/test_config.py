@@ -188,6 +188,10 @@ def test_bad_files(tmp_path):
     listing = tmp_path / "list.yaml"
     listing.write_text("- 1\n- 2\n")
     assert "top level must be a mapping" in _error(str(listing))
+    binary = tmp_path / "weights.yaml"  # e.g. a checkpoint given as --config
+    binary.write_bytes(b"PK\x03\x04\x14\x00\x00\x08\x08\x00\xa1\xbe\x81\xff" + bytes(range(256)))
+    message = _error(str(binary))
+    assert message == f"{binary}: not a YAML text file (byte 10 is not UTF-8: a binary file?)"
 
 
 def test_overrides():

@@ -263,3 +263,33 @@ def test_device_and_img_shape_arguments():
         with pytest.raises(demo.DemoError, match="CUDA is not available"):
             demo.resolve_device("cuda", cpu=False)
         assert demo.resolve_device(None, cpu=False) == torch.device("cpu")
+
+
+def test_results_in_the_formats_imageio_writes_with_the_usual_file_mode(assets, tmp_path, capsys):
+    previous = os.umask(0o022)
+    try:
+        for suffix in (".gif", ".webm", ".mkv"):
+            result = str(tmp_path / f"result{suffix}")
+            argv = ["--config", assets.config, "--checkpoint", assets.checkpoint, "--source_image", assets.source,
+                    "--driving_video", assets.driving, "--result_video", result, "--cpu", "--img_shape",
+                    f"{SIZE},{SIZE}", "--side_by_side"]
+            assert demo.main(argv) == 0, capsys.readouterr().err
+            frames = imageio.v3.imread(result, index=None)
+            assert frames.shape[1:] == (SIZE, 3 * SIZE, 3) and len(frames) == N_FRAMES, suffix
+            assert os.stat(result).st_mode & 0o777 == 0o644  # not mkstemp's 0600
+    finally:
+        os.umask(previous)
+    assert imageio.v3.immeta(str(tmp_path / "result.gif"), index=0)["duration"] == pytest.approx(1000 / FPS, abs=10)
+    assert sorted(os.listdir(tmp_path)) == ["result.gif", "result.mkv", "result.webm"]  # no partial file left
+
+
+def test_an_unwritable_format_or_frame_size_is_one_line_before_any_work(assets, tmp_path, capsys):
+    argv = ["--config", assets.config, "--checkpoint", assets.checkpoint, "--source_image", assets.source,
+            "--driving_video", assets.driving, "--cpu"]
+    assert demo.main(argv + ["--result_video", str(tmp_path / "x.tiff")]) == 1
+    error = _one_line_error(capsys)
+    assert "cannot write .tiff files; use one of .mp4, .mov, .mkv, .avi, .webm, .gif" in error
+    assert demo.main(argv + ["--result_video", str(tmp_path / "x.mp4"), "--img_shape", "100,100"]) == 1
+    error = _one_line_error(capsys)
+    assert error.startswith("demo.py: error: --img_shape: frame size 100x100 does not fit the networks")
+    assert "multiples of 32" in error and os.listdir(tmp_path) == []

@@ -6,7 +6,15 @@ import pytest
 import torch
 from PIL import Image
 
-from frames_dataset import DatasetError, DatasetRepeater, FramesDataset, count_frames, dataset_from_config, read_frames
+from frames_dataset import (
+    DatasetError,
+    DatasetRepeater,
+    FramesDataset,
+    count_frames,
+    dataset_from_config,
+    iter_frames,
+    read_frames,
+)
 
 SIZE = 16
 FRAMES = 6
@@ -250,3 +258,63 @@ def test_sixteen_bit_grey_png(tmp_path):
     Image.fromarray(grey).save(folder / "0.png")
     video = read_frames(str(folder))
     np.testing.assert_allclose(video[0, ..., 1], grey / 65535.0, atol=1e-6)
+
+
+def test_streamed_frames_equal_the_whole_video_for_every_format(root):
+    for split, name in (("train", "a#v1#c1"), ("train", "a#v2#c1.mp4"), ("train", "b#v1#c1.gif"),
+                        ("train", "b#v2#c1.png"), ("test", "t0")):
+        path = os.path.join(root, split, name)
+        chunks = list(iter_frames(path, 4, frame_shape=(SIZE, SIZE, 3)))
+        assert [len(chunk) for chunk in chunks] == [4, 2], name
+        assert all(chunk.dtype == np.float32 for chunk in chunks)
+        np.testing.assert_array_equal(np.concatenate(chunks), read_frames(path, frame_shape=(SIZE, SIZE, 3)),
+                                      err_msg=name)
+    dataset = make_dataset(root, is_train=False)
+    streamed = torch.cat(list(dataset.iter_video(1, 5)))
+    assert streamed.shape == (FRAMES, 3, SIZE, SIZE)
+    assert torch.equal(streamed, dataset[1]["video"].permute(1, 0, 2, 3))
+
+
+def test_streamed_frames_hold_one_chunk_in_memory(tmp_path):
+    import tracemalloc
+
+    frames, size = 400, 32
+    path = str(tmp_path / "long")
+    _write_folder(path, np.repeat(_video(0, frames=1, size=size), frames, axis=0))
+    whole = frames * size * size * 3 * 4  # the video as float32: 4.9 MB
+    tracemalloc.start()
+    try:
+        count = sum(len(chunk) for chunk in iter_frames(path, 8))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert count == frames
+    assert peak < whole / 10, (peak, whole)  # about a chunk of 8 frames (twice: list and stack), not the video
+
+
+def test_streamed_frames_errors_are_one_line(tmp_path):
+    folder = tmp_path / "v"
+    _write_folder(str(folder), _video(0))
+    Image.fromarray(_video(0, frames=1, size=SIZE + 2)[0]).save(folder / "999.png")
+    with pytest.raises(DatasetError, match=r"frame 6 is 18x18, frame 0 is 16x16"):
+        list(iter_frames(str(folder), 4))
+    with pytest.raises(DatasetError, match=r"frame 0 is 16x16, expected 8x8"):
+        list(iter_frames(str(folder), 4, frame_shape=(8, 8, 3)))
+
+
+class _BrokenVideos(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        raise DatasetError(f"/data/train/{index:05d}.mp4: unreadable or corrupt video (moov atom not found)")
+
+
+def test_a_dataset_error_in_a_dataloader_worker_stays_one_line():
+    """PyTorch re-raises a worker's exception with the worker's traceback as its message (27 lines);
+    DatasetError keeps the original line."""
+    loader = torch.utils.data.DataLoader(_BrokenVideos(), batch_size=2, num_workers=1)
+    with pytest.raises(DatasetError) as error:
+        next(iter(loader))
+    assert str(error.value) == "/data/train/00000.mp4: unreadable or corrupt video (moov atom not found)"
+    assert str(DatasetError("a: b")) == "a: b"
