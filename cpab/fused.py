@@ -374,6 +374,19 @@ def _adam_program(model, workspace, iterations, loss):
                   sumsq_slot=i % 2)
 
 
+def _run_fit(model, key, x, y, make, program):
+    """theta of a fit `program` run on the workspace `make()` builds: on CUDA replayed from the graph
+    cached under `key` plus the module's settings (captured on first use), elsewhere eagerly."""
+    if x.is_cuda:
+        workspace = graph_cache(model).run((*key, *_settings_key(model, x)), x.device, make, program,
+                                           {"x": x, "y": y})
+        return workspace["theta"].clone()
+    workspace = make()
+    workspace["x"], workspace["y"] = x, y
+    program(workspace)
+    return workspace["theta"]
+
+
 def fit_adam(model, x: torch.Tensor, y: torch.Tensor, iterations: int, lr: float, theta_init: float,
              loss: str) -> torch.Tensor:
     """`cpab.fit.fit_adam` (the same start, loss and torch.optim.Adam arithmetic) in 2 launches per iteration;
@@ -391,15 +404,8 @@ def fit_adam(model, x: torch.Tensor, y: torch.Tensor, iterations: int, lr: float
         def program(workspace):
             _adam_program(model, workspace, iterations, loss)
 
-        if x.is_cuda:
-            key = ("adam", tuple(x.shape), x.dtype, x.device, iterations, float(lr), float(theta_init), loss,
-                   *_settings_key(model, x))
-            workspace = graph_cache(model).run(key, x.device, make, program, {"x": x, "y": y})
-            return workspace["theta"].clone()
-        workspace = make()
-        workspace["x"], workspace["y"] = x, y
-        program(workspace)
-        return workspace["theta"]
+        key = ("adam", tuple(x.shape), x.dtype, x.device, iterations, float(lr), float(theta_init), loss)
+        return _run_fit(model, key, x, y, make, program)
 
 
 # ------------------------------------------------------------------------------------------ Gauss-Newton
@@ -480,12 +486,5 @@ def fit_gauss_newton(model, x: torch.Tensor, y: torch.Tensor, iterations: int, d
         def program(workspace):
             _gn_program(model, workspace, iterations)
 
-        if x.is_cuda:
-            key = ("gauss_newton", tuple(x.shape), x.dtype, x.device, iterations, float(damping),
-                   *_settings_key(model, x))
-            workspace = graph_cache(model).run(key, x.device, make, program, {"x": x, "y": y})
-            return workspace["theta"].clone()
-        workspace = make()
-        workspace["x"], workspace["y"] = x, y
-        program(workspace)
-        return workspace["theta"]
+        key = ("gauss_newton", tuple(x.shape), x.dtype, x.device, iterations, float(damping))
+        return _run_fit(model, key, x, y, make, program)

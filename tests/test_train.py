@@ -285,6 +285,19 @@ def test_check_finite_returns_host_floats_and_names_the_first_bad_value():
                       "loss 'c'": torch.tensor(float("nan"))}, 3, 0, Distributed())
 
 
+def _run_two_ranks(argv):
+    """run.py with argv in 2 DDP processes (gloo on CPU, a free local port), forked from this one."""
+    import socket
+
+    import torch.multiprocessing
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.start_processes(_ddp_worker, args=(2, port, argv), nprocs=2, join=True,
+                                          start_method="fork")
+
+
 def _ddp_worker(rank, world_size, port, argv):
     """One rank: torchrun's environment variables, then the normal entry point."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
@@ -297,19 +310,11 @@ def _ddp_worker(rank, world_size, port, argv):
 
 def test_ddp_two_processes_gloo(trained, tmp_path):
     """Two CPU processes (gloo) through run.main with torchrun's environment; forked, so no re-import."""
-    import socket
-
-    import torch.multiprocessing
-
     overrides, _ = trained
     more = overrides + ["train_params.num_epochs=1", "train_params.max_steps_per_epoch=2",
                         "train_params.batch_size=4", "train_params.num_repeats=2",
                         "train_params.evaluate_after_training=false"]
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    torch.multiprocessing.start_processes(_ddp_worker, args=(2, port, cli(more, "--log_dir", str(tmp_path))),
-                                          nprocs=2, join=True, start_method="fork")
+    _run_two_ranks(cli(more, "--log_dir", str(tmp_path)))
     checkpoint = load_checkpoint(os.path.join(only_run_dir(tmp_path), "checkpoint.pth.tar"))
     # Each of the 2 ranks took 2 steps of 2 samples (global batch 4), in lock step.
     assert checkpoint["epoch"] == 1 and checkpoint["step"] == 2
@@ -319,21 +324,13 @@ def test_ddp_tells_of_unused_parameters_only_while_there_are_some(trained, tmp_p
     """With the prediction in a loss, the only unused parameters are the BG predictor's before bg_start:
     epoch 0 runs with find_unused_parameters (the BG predictor idle), epoch 1 without, and DDP never
     warns that the flag was set for nothing (nor fails for lack of it)."""
-    import socket
-
-    import torch.multiprocessing
-
     overrides, _ = trained
     more = overrides + ["model_params.dense_motion_params.motion=tps", "train_params.num_epochs=2",
                         "train_params.batch_size=4", "train_params.num_repeats=2", "train_params.bg_start=1",
                         "train_params.loss_weights.perceptual=[10, 0, 0, 0, 0]",
                         "train_params.pretrained.vgg19=absent/vgg19.pth",  # a random VGG-19 (allowed here)
                         "train_params.evaluate_after_training=false"]
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    torch.multiprocessing.start_processes(_ddp_worker, args=(2, port, cli(more, "--log_dir", str(tmp_path))),
-                                          nprocs=2, join=True, start_method="fork")
+    _run_two_ranks(cli(more, "--log_dir", str(tmp_path)))
     checkpoint = load_checkpoint(os.path.join(only_run_dir(tmp_path), "checkpoint.pth.tar"))
     assert checkpoint["epoch"] == 2 and max(s["step"] for s in checkpoint["optimizer_bg"]["state"].values()) == 1
     assert "find_unused_parameters" not in capfd.readouterr().err

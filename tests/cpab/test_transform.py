@@ -4,21 +4,12 @@ import torch
 import torch.nn.functional as F
 
 from cpab import CPAB
-from cpab.integrate import cell_index, integrate, velocity
+from cpab.integrate import cell_index, integrate, integrate_rk4
 
 
 def rk4_reference(model, points, theta, n_steps=2000):
-    """Float64 classical RK4 with n_steps fixed steps on the field of theta (the test's ground truth)."""
-    A = model.cell_affines(theta)
-    h = 1.0 / n_steps
-    x = points.clone()
-    for _ in range(n_steps):
-        k1 = velocity(x, A, model.nx, model.ny)
-        k2 = velocity(x + 0.5 * h * k1, A, model.nx, model.ny)
-        k3 = velocity(x + 0.5 * h * k2, A, model.nx, model.ny)
-        k4 = velocity(x + h * k3, A, model.nx, model.ny)
-        x = x + h / 6.0 * (k1 + 2 * k2 + 2 * k3 + k4)
-    return x
+    """Float64 classical RK4 on the field of theta (the reference: `cpab.integrate.integrate_rk4`)."""
+    return integrate_rk4(points, model.cell_affines(theta), model.nx, model.ny, n_steps)
 
 
 @pytest.mark.parametrize("n", [4, 6])
