@@ -103,6 +103,9 @@ MOTION_SECTIONS = {
         "basis": Key("str", "libcpab", "null-space basis: libcpab (official: libcpab's own, so theta and the Adam "
                                        "fit are the official code's) | vertex (this framework's earlier one, theta "
                                        "rotated)", choices=("libcpab", "vertex")),
+        "backend": Key("str", "auto", "CPAB integrator: auto (Triton kernels on CUDA, the PyTorch reference on CPU) "
+                                      "| reference | triton (on CPU: Triton's interpreter, TRITON_INTERPRET=1)",
+                       choices=("auto", "reference", "triton")),
         "fit_method": Key("str", "adam", "adam (official) | gauss_newton (fast, this framework)",
                           choices=("adam", "gauss_newton")),
         "max_iter": Key("int", 100, "Adam steps of the partial fits", interval=_NON_NEGATIVE),

@@ -247,6 +247,8 @@ def print_counts(out=print, adam_iterations=ADAM_ITERATIONS, gn_iterations=GN_FI
                     and not name.endswith(f"{gn_iterations} iterations"):
                 continue
             out(f"{label:40s} {name:32s}: {c.launches:5d} launches, {c.syncs:3d} syncs")
+    out("a training step and a demo batch of a model built on cpab: count them with the same counter, "
+        "cpab.counting.count_device_work (CPABMM's: python -m bench.counts)")
     return both
 
 

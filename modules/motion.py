@@ -72,11 +72,12 @@ class CPABMotion(nn.Module):
     Tikhonov weight ``gn_damping``, for every warp). The warps are the fitted transforms of the identity
     grid. ``detach_keypoints`` (official: True) fits on detached keypoints, so the warps send no gradient
     into the keypoint detector; False gives the fitted theta an implicit-function gradient (``_attach``).
+    ``basis`` (libcpab | vertex) and ``backend`` (auto | reference | triton) are passed to ``cpab.CPAB``.
     """
 
     def __init__(self, num_groups, global_cpab, partial_tess_size, global_tess_size, zero_boundary,
-                 volume_preservation, basis, fit_method, max_iter, global_iter_multiplier, fit_lr, theta_init, gn_iter,
-                 gn_damping, detach_keypoints):
+                 volume_preservation, basis, backend, fit_method, max_iter, global_iter_multiplier, fit_lr, theta_init,
+                 gn_iter, gn_damping, detach_keypoints):
         super().__init__()
         if fit_method not in FIT_METHODS:
             raise ValueError(f"dense_motion_params.cpab.fit_method must be one of {', '.join(FIT_METHODS)}, "
@@ -91,11 +92,13 @@ class CPABMotion(nn.Module):
         self.gn_damping = gn_damping
         self.detach_keypoints = detach_keypoints
         self.partial_cpab = CPAB(tess_size=tuple(partial_tess_size), zero_boundary=zero_boundary,
-                                 volume_preservation=volume_preservation, basis=basis)
+                                 volume_preservation=volume_preservation, basis=basis,
+                                 backend=backend)
         self.global_cpab_transform = None
         if global_cpab:
             self.global_cpab_transform = CPAB(tess_size=tuple(global_tess_size), zero_boundary=zero_boundary,
-                                              volume_preservation=volume_preservation, basis=basis)
+                                              volume_preservation=volume_preservation, basis=basis,
+                                              backend=backend)
         self.num_warps = num_groups + int(global_cpab)
 
     def _fit(self, transform, x, y, iterations):

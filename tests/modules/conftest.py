@@ -6,7 +6,7 @@ K = 2
 SIZE = 64
 # The CPAB motion's settings (config section model_params.dense_motion_params.cpab), tiny fits.
 CPAB_SETTINGS = dict(global_cpab=True, partial_tess_size=(4, 4), global_tess_size=(6, 6), zero_boundary=False,
-                     volume_preservation=False, basis="libcpab", fit_method="adam", max_iter=2,
+                     volume_preservation=False, basis="libcpab", backend="auto", fit_method="adam", max_iter=2,
                      global_iter_multiplier=1.5, fit_lr=1e-2, theta_init=1e-6, gn_iter=2, gn_damping=1e-3,
                      detach_keypoints=True)
 NETWORK_SETTINGS = dict(block_expansion=8, num_blocks=3, max_features=32, num_channels=3, scale_factor=0.25,
