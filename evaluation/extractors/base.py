@@ -7,6 +7,8 @@ frames; ``found`` marks the keypoints the extractor detected.
 import numpy as np
 import torch
 
+from evaluation.weights import describe_weight_file, load_published
+
 
 def to_uint8(frames):
     """(T, H, W, 3) uint8 from uint8 or [0, 1] floats; a wrong shape is a ValueError."""
@@ -30,6 +32,15 @@ class Extractor:
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
         self.weights = {}
+
+    def published(self, key, network, weights):
+        """``network`` with the published weight file ``weights`` for ``eval_params.weights.<key>`` loaded
+        strictly (None: random weights), on this extractor's device in eval mode; the file is recorded
+        for the report."""
+        if weights is not None:
+            load_published(network, weights, f"eval_params.weights.{key}")
+        self.weights[key] = describe_weight_file(weights)
+        return network.to(self.device).eval()
 
     def describe(self):
         """What the report records about this extractor."""

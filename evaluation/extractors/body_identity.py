@@ -22,7 +22,6 @@ from PIL import Image
 from torchvision.models import resnet50
 
 from evaluation.extractors.base import EmbeddingExtractor
-from evaluation.weights import describe_weight_file, load_published
 
 INPUT_HEIGHT, INPUT_WIDTH = 288, 144
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -82,11 +81,7 @@ class BodyIdentityExtractor(EmbeddingExtractor):
 
     def __init__(self, weights=None, device="cpu", batch_size=16, batch_norm="frame"):
         super().__init__(device, batch_size)
-        self.network = FtNet(batch_norm)
-        if weights is not None:
-            load_published(self.network, weights, "eval_params.weights.reid")
-        self.network.to(self.device).eval()
-        self.weights = {"reid": describe_weight_file(weights)}
+        self.network = self.published("reid", FtNet(batch_norm), weights)
 
     @torch.inference_mode()
     def extract(self, frames):

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 
 from evaluation.extractors.base import KeypointExtractor
 from evaluation.extractors.opencv import resize_linear_uint8
-from evaluation.weights import describe_weight_file, load_published
 
 NUM_KEYPOINTS = 18
 INPUT_SIZE = 368
@@ -157,11 +156,7 @@ class BodyKeypointExtractor(KeypointExtractor):
         self.input_size = int(input_size)
         self.input_description = (f"frame resized so that its short side is {self.input_size} (uint8 bilinear), "
                                   f"BGR, x / 256 - 0.5, plus its mirror image; keypoints in whole pixels")
-        self.network = RTPose()
-        if weights is not None:
-            load_published(self.network, weights, "eval_params.weights.rtpose")
-        self.network.to(self.device).eval()
-        self.weights = {"rtpose": describe_weight_file(weights)}
+        self.network = self.published("rtpose", RTPose(), weights)
 
     def heatmaps(self, frames):
         """(B, 19, H, W) float64 heatmaps of uint8 frames, averaged with the mirrored pass."""

@@ -13,7 +13,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from evaluation.extractors.base import EmbeddingExtractor
-from evaluation.weights import describe_weight_file, load_published
 
 INPUT_SIZE = 96
 
@@ -142,11 +141,7 @@ class FaceIdentityExtractor(EmbeddingExtractor):
 
     def __init__(self, weights=None, device="cpu", batch_size=16):
         super().__init__(device, batch_size)
-        self.network = OpenFace()
-        if weights is not None:
-            load_published(self.network, weights, "eval_params.weights.openface")
-        self.network.to(self.device).eval()
-        self.weights = {"openface": describe_weight_file(weights)}
+        self.network = self.published("openface", OpenFace(), weights)
 
     @torch.inference_mode()
     def extract(self, frames):

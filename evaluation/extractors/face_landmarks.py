@@ -23,7 +23,6 @@ import torch.nn.functional as F
 
 from evaluation.extractors.base import KeypointExtractor
 from evaluation.extractors.opencv import resize_linear_uint8
-from evaluation.weights import describe_weight_file, load_published
 
 NUM_LANDMARKS = 68
 CROP = 256
@@ -328,15 +327,8 @@ class FaceLandmarkExtractor(KeypointExtractor):
 
     def __init__(self, fan_weights=None, s3fd_weights=None, device="cpu", batch_size=16, fan_modules=4):
         super().__init__(device, batch_size)
-        self.fan = FAN(fan_modules)
-        self.detector = S3FD()
-        if fan_weights is not None:
-            load_published(self.fan, fan_weights, "eval_params.weights.fan")
-        if s3fd_weights is not None:
-            load_published(self.detector, s3fd_weights, "eval_params.weights.s3fd")
-        self.fan.to(self.device).eval()
-        self.detector.to(self.device).eval()
-        self.weights = {"fan": describe_weight_file(fan_weights), "s3fd": describe_weight_file(s3fd_weights)}
+        self.fan = self.published("fan", FAN(fan_modules), fan_weights)
+        self.detector = self.published("s3fd", S3FD(), s3fd_weights)
 
     @torch.inference_mode()
     def extract(self, frames):
