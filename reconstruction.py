@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 import animation
+from evaluation import evaluate_reconstruction
 from frames_dataset import dataset_from_config
 from modules.sizes import check_frame_size
 
@@ -178,15 +179,16 @@ def reconstruction(config, networks, dataset, out_dir, device, progress=True, ch
         for name, training in modes.items():
             networks[name].train(training)
     metrics = {"l1": total_l1 / total_frames, "baseline_l1": total_baseline / total_frames,
-               "frames": total_frames, "per_video": per_video}
+               "frames": total_frames, "per_video": per_video,
+               "checkpoint": os.path.abspath(checkpoint) if checkpoint else None}
     with open(os.path.join(out_dir, "metrics.json"), "w") as stream:
         json.dump(metrics, stream, indent=2)  # written first: kept if the protocol metrics below fail
-    from evaluation import evaluate_reconstruction
-
-    metrics.update(evaluate_reconstruction(config["eval_params"], getattr(dataset, "split_dir", None), png_dir,
-                                           device, getattr(dataset, "frame_shape", None), checkpoint, progress))
-    with open(os.path.join(out_dir, "metrics.json"), "w") as stream:
-        json.dump(metrics, stream, indent=2)
+    protocol = evaluate_reconstruction(config["eval_params"], getattr(dataset, "split_dir", None), png_dir, device,
+                                       getattr(dataset, "frame_shape", None), checkpoint, progress)
+    if protocol:
+        metrics.update(protocol)
+        with open(os.path.join(out_dir, "metrics.json"), "w") as stream:
+            json.dump(metrics, stream, indent=2)
     print(f"reconstruction L1: {metrics['l1']:.4f}  (baseline 'predict the source frame': "
           f"{metrics['baseline_l1']:.4f}) over {len(per_video)} videos, {total_frames} frames; "
           f"metrics in {os.path.join(out_dir, 'metrics.json')}")

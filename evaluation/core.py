@@ -190,11 +190,11 @@ def evaluate_reconstruction(eval_params, real_dir, generated_dir, device, frame_
                             progress=True):
     """The protocol metrics of a reconstruction's lossless strips (``generated_dir``) against the test
     split (``real_dir``), as configured in ``eval_params``; L1 is the reconstruction's own (float
-    predictions) and is not recomputed. Returns the entries to add to its metrics.json."""
+    predictions) and is not recomputed. Returns the entries to add to its metrics.json (none when L1 is
+    the only metric); ``checkpoint`` (the one evaluated) is recorded under "compared"."""
     metrics = [metric for metric in parse_metrics(eval_params["metrics"], "eval_params.metrics") if metric != "l1"]
-    extra = {"checkpoint": os.path.abspath(checkpoint) if checkpoint else None}
     if not metrics:
-        return extra
+        return {}
     domain = eval_params["domain"]
     check_metrics(metrics, domain, "eval_params.metrics")
     if real_dir is None:
@@ -202,8 +202,7 @@ def evaluate_reconstruction(eval_params, real_dir, generated_dir, device, frame_
     weight_files = resolve_weights(domain, metrics, eval_params["weights"], eval_params["allow_random_weights"])
     report = evaluate_folders(real_dir, generated_dir, metrics, domain, weight_files, device,
                               eval_params["batch_size"], frame_shape, progress)
-    report["compared"]["checkpoint"] = extra["checkpoint"]
+    report["compared"]["checkpoint"] = os.path.abspath(checkpoint) if checkpoint else None
     print(f"protocol metrics ({domain}): {summary_line(report)}")
-    extra.update(report)
-    return extra
+    return report
 
