@@ -19,6 +19,7 @@ The background motion (BG predictor), as the official code uses it:
 import math
 
 import numpy as np
+import torch
 
 MODES = ("relative", "standard", "avd")
 
@@ -42,6 +43,12 @@ def animate(networks, source, kp_source, kp_driving, bg_param=None, dropout_flag
     generated = dict(dense_motion)
     generated.update(networks["inpainting_network"](source, dense_motion))
     return generated
+
+
+def to_uint8(images):
+    """(B, 3, H, W) float in [0, 1] -> (B, H, W, 3) uint8 numpy array (rounded, clipped), converted on the
+    images' device so that one uint8 copy reaches the host (the demo's and the reconstruction's outputs)."""
+    return (images.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def convex_hull_area(points):

@@ -198,11 +198,6 @@ def frames_to_tensor(frames, img_shape, device):
     return tensor.contiguous()
 
 
-def to_uint8(images):
-    """(B, 3, H, W) float in [0, 1] -> (B, H, W, 3) uint8 numpy array (rounded, clipped)."""
-    return (images.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
 def read_source_image(path, img_shape, device):
     """The source image as (1, 3, H, W) float32 in [0, 1] on ``device``; first frame of animated files."""
     try:
@@ -347,13 +342,13 @@ def find_best_frame(source, path, img_shape, batch_size, device):
         landmarks = landmarks - landmarks.mean(axis=0, keepdims=True)
         return landmarks / math.sqrt(max(animation.convex_hull_area(landmarks), 1e-12))
 
-    reference = normalised_landmarks(to_uint8(source)[0])
+    reference = normalised_landmarks(animation.to_uint8(source)[0])
     if reference is None:
         raise DemoError("--find_best_frame: face-alignment finds no face in the source image")
     best_index, best_norm, best_frame, index = 0, math.inf, None, 0
     for frames in iter_batches(path, batch_size):
         tensor = frames_to_tensor(frames, img_shape, device)
-        for offset, image in enumerate(to_uint8(tensor)):
+        for offset, image in enumerate(animation.to_uint8(tensor)):
             landmarks = normalised_landmarks(image)
             if landmarks is not None:
                 norm = float(((reference - landmarks) ** 2).sum())
@@ -394,7 +389,7 @@ def render_batch(animator, driving, source, side_by_side):
     prediction = animator(driving)
     if side_by_side:
         prediction = torch.cat([source.expand_as(prediction), driving, prediction], dim=3)
-    return to_uint8(prediction)
+    return animation.to_uint8(prediction)
 
 
 class ModelTimer:

@@ -32,11 +32,6 @@ from frames_dataset import dataset_from_config
 from modules.sizes import check_frame_size
 
 
-def _to_uint8(frames):
-    """(T, 3, H, W) tensor in [0, 1] -> (T, H, W, 3) uint8 array."""
-    return (frames.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-
-
 def predict_chunks(networks, chunks):
     """Predictions, chunk by chunk, for a video given as chunks of frames (n, 3, H, W) (frame 0 of the
     first chunk is the source), no autograd; yields (driving chunk, prediction chunk).
@@ -165,7 +160,7 @@ def reconstruction(config, networks, dataset, out_dir, device, progress=True, ch
                     for driving, prediction in predict_chunks(networks, chunks):
                         source = driving[:1] if source is None else source
                         metric.add(prediction, driving, source)  # the metrics: a step of their own
-                        writers.add(_to_uint8(prediction))
+                        writers.add(animation.to_uint8(prediction))
                 except BaseException:
                     writers.abort()
                     raise
